@@ -1,0 +1,380 @@
+"""Zero-shot and retrieval evaluators: metric maths vs brute force, known answers, errors.
+
+Most datasets are tiny in-memory stand-ins for a tfds builder (`as_data_source`, `name`, and a
+real tfds FeaturesDict as `info.features`); one test builds a real 24-example ArrayRecord tfds
+dataset in tmp_path (~0.1 s). Encoders are numpy functions, so no jax is needed.
+"""
+
+import sys
+import types
+
+import numpy as np
+import PIL.Image
+import pytest
+import tensorflow_datasets as tfds
+
+from mlcd import evaluators
+from mlcd.evaluators import common, retrieval, zero_shot
+
+SHAPES = ("circle", "square", "triangle", "star", "heart", "cross", "arrow")
+COLORS = ("red", "green", "blue", "yellow")
+TASKS = {
+    "shape": {
+        "label_key": "largest_shape",
+        "templates": ("a {}.", "a picture of a {}"),
+        "single_object": True,
+    },
+    "color": types.SimpleNamespace(label_key="largest_color", templates=("something {}",)),
+    "shapes": {"label_key": "shape_set", "templates": ("a {}",)},
+}
+
+
+class FakeBuilder:
+    """The parts of a prepared tfds builder the evaluators use; counts data-source opens."""
+
+    def __init__(self, name, splits, features):
+        self.name = name
+        self.info = types.SimpleNamespace(features=tfds.features.FeaturesDict(features))
+        self._splits = splits
+        self.opens = 0
+
+    def as_data_source(self, split):
+        self.opens += 1
+        return self._splits[split]
+
+
+def _unit(x):
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def scenes_builder(n=60, seed=0, name="fake_scenes", shape_feature=None):
+    """Images encode (pixel [0,0,0], pixel [0,0,1]) = (shape id, color id) of one object.
+
+    Multi-object examples carry a `largest_shape` label that disagrees with the pixel, so only an
+    evaluator that applies the single_object filter scores the one-hot encoder perfectly.
+    `shape_set` holds the pixel's shape plus a random other one, padded with -1.
+    """
+    rng = np.random.default_rng(seed)
+    examples = []
+    for _ in range(n):
+        shape, color, num = rng.integers(len(SHAPES)), rng.integers(len(COLORS)), rng.integers(1, 4)
+        image = np.zeros((4, 4, 3), np.uint8)
+        image[0, 0, :2] = shape, color
+        other = rng.integers(len(SHAPES))
+        examples.append(
+            {
+                "image": image,
+                "num_objects": np.int32(num),
+                "largest_shape": np.int64(shape if num == 1 else (shape + 1) % len(SHAPES)),
+                "largest_color": np.int64(color),
+                "shape_set": np.array([other, shape, -1, -1], np.int64),
+            }
+        )
+    features = {
+        "largest_shape": shape_feature or tfds.features.ClassLabel(names=SHAPES),
+        "largest_color": tfds.features.ClassLabel(names=COLORS),
+        "shape_set": tfds.features.Sequence(tfds.features.ClassLabel(names=SHAPES), length=4),
+    }
+    return FakeBuilder(name, {"test": examples}, features)
+
+
+def onehot_images(images):
+    """[shape one-hot | color one-hot] / sqrt(2): cosine 1/sqrt(2) with the right class prompt."""
+    z = np.zeros((len(images), len(SHAPES) + len(COLORS)), np.float32)
+    z[np.arange(len(images)), images[:, 0, 0, 0]] = 1
+    z[np.arange(len(images)), len(SHAPES) + images[:, 0, 0, 1]] = 1
+    return _unit(z)
+
+
+def onehot_texts(texts):
+    """One-hot of the class named in the text (whole-word match)."""
+    vocab = SHAPES + COLORS
+    z = np.zeros((len(texts), len(vocab)), np.float32)
+    for i, t in enumerate(texts):
+        (hit,) = [j for j, w in enumerate(vocab) if w in t.replace(".", " ").split()]
+        z[i, hit] = 1
+    return z
+
+
+def random_embed(seed, dim=16):
+    rng = np.random.default_rng(seed)
+    return lambda x: _unit(rng.normal(size=(len(x), dim)))
+
+
+# ---------------------------------------------------------------------------- metric functions
+
+
+def brute_force_hits(sim, text_to_image, k):
+    """Per-query loops: sort candidates by score, wrong ones first among equals; check the top k."""
+    n, t = sim.shape
+    i2t = []
+    for i in range(n):
+        order = sorted(range(t), key=lambda c: (-sim[i, c], text_to_image[c] == i))
+        i2t.append(any(text_to_image[c] == i for c in order[:k]))
+    t2i = []
+    for c in range(t):
+        order = sorted(range(n), key=lambda i: (-sim[i, c], i == text_to_image[c]))
+        t2i.append(text_to_image[c] in order[:k])
+    return np.mean(i2t), np.mean(t2i)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_retrieval_recalls_match_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    n = 13
+    text_to_image = np.repeat(np.arange(n), rng.integers(1, 4, size=n))  # 1-3 captions per image
+    rng.shuffle(text_to_image)
+    sim = np.round(rng.normal(size=(n, len(text_to_image))), 1)  # rounding makes many ties
+    got = retrieval.retrieval_recalls(sim, text_to_image, ks=(1, 2, 5))
+    for k in (1, 2, 5):
+        i2t, t2i = brute_force_hits(sim, text_to_image, k)
+        assert got[f"i2t_r{k}"] == pytest.approx(i2t)
+        assert got[f"t2i_r{k}"] == pytest.approx(t2i)
+
+
+def test_best_positive_rank_counts_ties_against_the_positive():
+    scores = np.array([[0.5, 0.5, 0.1], [0.2, 0.9, 0.9], [1.0, 0.0, 1.0]])
+    positive = np.array([[True, False, False], [True, False, True], [True, False, True]])
+    # row 0: one tied negative; row 1: best positive 0.9 ties negative 0.9; row 2: positives tie
+    # each other only.
+    np.testing.assert_array_equal(common.best_positive_rank(scores, positive), [1, 1, 0])
+    with pytest.raises(ValueError, match="query 1 has no positive"):
+        common.best_positive_rank(scores, np.array([[True] * 3, [False] * 3, [True] * 3]))
+    with pytest.raises(ValueError, match="finite"):
+        common.best_positive_rank(np.full((1, 2), np.nan), np.array([[True, False]]))
+
+
+def test_label_positives_multi_label_matches_loop():
+    labels = np.array([[2, -1, -1], [0, 3, -1], [-1, -1, -1], [1, 1, 2]])
+    mask = zero_shot.label_positives(labels, 4, "t")
+    for i, row in enumerate(labels):
+        for c in range(4):
+            assert mask[i, c] == (c in row)
+    with pytest.raises(ValueError, match=r"t: example 1 has label\(s\) \[4\] outside \[-1, 4\)"):
+        zero_shot.label_positives(np.array([0, 4]), 4, "t")
+
+
+def test_retrieval_ranks_rejects_image_without_caption():
+    with pytest.raises(ValueError, match="image 1 has no caption"):
+        retrieval.retrieval_ranks(np.zeros((3, 2)), np.array([0, 2]))
+
+
+def test_prompt_ensemble_is_renormalised_mean():
+    rng = np.random.default_rng(0)
+    table = {}
+
+    def embed(texts):
+        return np.stack([table.setdefault(t, _unit(rng.normal(size=8))) for t in texts])
+
+    w = zero_shot.class_embeddings(embed, ["a", "b"], ["x {}", "y {} {}"], batch_size=3)
+    for c, name in enumerate(["a", "b"]):
+        mean = table[f"x {name}"] + table[f"y {name} {name}"]
+        np.testing.assert_allclose(w[c], mean / np.linalg.norm(mean), rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------- zero-shot
+
+
+def test_zeroshot_onehot_encoder_is_perfect_and_reads_once():
+    builder = scenes_builder()
+    ev = evaluators.get("zeroshot")(builder=builder, tasks=TASKS, batch_size=16)
+    first = ev.run(onehot_images, onehot_texts)
+    assert first == {
+        "zeroshot/shape/top1": 1.0,
+        "zeroshot/shape/top5": 1.0,
+        "zeroshot/color/top1": 1.0,
+        "zeroshot/shapes/top1": 1.0,
+        "zeroshot/shapes/top5": 1.0,
+    }
+    assert ev.run(onehot_images, onehot_texts) == first
+    assert builder.opens == 1
+
+
+def test_zeroshot_single_object_filter_matters():
+    # Without the filter, multi-object examples (label != pixel) are all wrong.
+    tasks = {"shape": dict(TASKS["shape"], single_object=False)}
+    builder = scenes_builder()
+    ev = zero_shot.ZeroShotEvaluator(builder, tasks=tasks)
+    single = np.mean([int(ex["num_objects"]) == 1 for ex in builder.as_data_source("test")])
+    assert ev.run(onehot_images, onehot_texts)["zeroshot/shape/top1"] == pytest.approx(single)
+
+
+def test_zeroshot_random_encoder_is_near_chance():
+    n = 600
+    ev = zero_shot.ZeroShotEvaluator(scenes_builder(n=n, seed=1), tasks=TASKS, batch_size=128)
+    metrics = ev.run(random_embed(0), random_embed(1))
+    # Labels are independent of random embeddings: each accuracy ~ Binomial(n', p) / n' with
+    # p = k / C (k true-set size x top-k, capped at 1), n' >= n / 4 examples after filtering.
+    for key, p in [
+        ("zeroshot/shape/top1", 1 / 7),
+        ("zeroshot/shape/top5", 5 / 7),
+        ("zeroshot/color/top1", 1 / 4),
+    ]:
+        tol = 5 * np.sqrt(p * (1 - p) / (n / 4))
+        assert abs(metrics[key] - p) < tol, (key, metrics[key], p)
+
+
+def test_zeroshot_tasks_from_the_dataset_module(monkeypatch):
+    module = types.ModuleType("input_pipeline.datasets.fake_scenes")
+    module.ZEROSHOT_TASKS = TASKS
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    ev = zero_shot.ZeroShotEvaluator(scenes_builder(), tasks=("color",), templates=("the {}",))
+    assert [(t.name, t.templates, t.class_names) for t in ev.tasks] == [
+        ("color", ("the {}",), COLORS)
+    ]
+    assert ev.run(onehot_images, onehot_texts) == {"zeroshot/color/top1": 1.0}
+    with pytest.raises(
+        ValueError,
+        match=r"unknown zero-shot task\(s\) \['size'\].*known: \['color', 'shape', 'shapes'\]",
+    ):
+        zero_shot.ZeroShotEvaluator(scenes_builder(), tasks=("shape", "size"))
+
+
+def test_zeroshot_errors():
+    with pytest.raises(
+        ValueError, match="dataset 'fake_scenes' feature 'largest_shape' has no class names"
+    ):
+        zero_shot.ZeroShotEvaluator(
+            scenes_builder(shape_feature=tfds.features.ClassLabel(num_classes=7)), tasks=TASKS
+        )
+    with pytest.raises(ValueError, match="dataset 'fake_scenes' has no feature 'size'"):
+        zero_shot.ZeroShotEvaluator(
+            scenes_builder(), tasks={"s": {"label_key": "size", "templates": ("{}",)}}
+        )
+    with pytest.raises(
+        ValueError, match=r"no zero-shot task table \(no module input_pipeline\.datasets\.nowhere\)"
+    ):
+        zero_shot.ZeroShotEvaluator(scenes_builder(name="nowhere"), tasks=("shape",))
+    with pytest.raises(ValueError, match="every template needs"):
+        zero_shot.ZeroShotEvaluator(scenes_builder(), tasks=TASKS, templates=("no slot",))
+    ev = zero_shot.ZeroShotEvaluator(scenes_builder(), tasks=TASKS)
+    with pytest.raises(ValueError, match="embed_images must return L2-normalised rows"):
+        ev.run(lambda x: 2 * onehot_images(x), onehot_texts)
+    with pytest.raises(
+        ValueError, match=r"embed_texts must return \[14, E\] for 14 inputs; got \(1, 11\)"
+    ):
+        ev.run(onehot_images, lambda t: onehot_texts(t)[:1])
+
+
+def test_unknown_evaluator_lists_known():
+    with pytest.raises(
+        ValueError, match=r"unknown evaluator 'linear'; known: \['retrieval', 'zeroshot'\]"
+    ):
+        evaluators.get("linear")
+
+
+# ---------------------------------------------------------------------------- retrieval
+
+
+def captions_builder(n=40):
+    """Image i encodes i in pixel [0,0,0]; long caption names i, short captions list i (or '')."""
+    examples = []
+    for i in range(n):
+        image = np.zeros((4, 4, 3), np.uint8)
+        image[0, 0, 0] = i
+        examples.append(
+            {
+                "image": image,
+                "long_caption": f"image number {i} .".encode(),
+                "alt": np.array([f"pic {i}".encode(), b"" if i % 2 else f"photo {i}".encode()]),
+            }
+        )
+    return FakeBuilder("fake_captions", {"test": examples}, {})
+
+
+def identity_images(images):
+    return np.eye(64, dtype=np.float32)[images[:, 0, 0, 0]]
+
+
+def identity_texts(texts):
+    return np.eye(64, dtype=np.float32)[
+        [int(t.split()[-2 if t.endswith(".") else -1]) for t in texts]
+    ]
+
+
+def test_retrieval_identity_encoder_is_perfect_and_reads_once():
+    builder = captions_builder()
+    ev = evaluators.get("retrieval")(
+        builder=builder, caption_key=["long_caption", "alt"], batch_size=16
+    )
+    first = ev.run(identity_images, identity_texts)
+    assert first == {f"retrieval/test/{d}_r{k}": 1.0 for d in ("i2t", "t2i") for k in (1, 5, 10)}
+    _, captions, text_to_image = ev._load()
+    assert len(captions) == 40 * 2 + 20  # empty alt captions dropped
+    assert captions[:3] == ["image number 0 .", "pic 0", "photo 0"]
+    np.testing.assert_array_equal(text_to_image[:4], [0, 0, 0, 1])
+    assert ev.run(identity_images, identity_texts) == first
+    assert builder.opens == 1
+
+
+def test_retrieval_random_and_collapsed_encoders():
+    n = 40
+    ev = retrieval.RetrievalEvaluator(captions_builder(n), name="val", ks=(1, 10))
+    metrics = ev.run(random_embed(0, dim=32), random_embed(1, dim=32))
+    for k in (1, 10):  # one caption per image: a query hits at chance with probability k / n
+        p = k / n
+        assert abs(metrics[f"retrieval/val/t2i_r{k}"] - p) < 5 * np.sqrt(p * (1 - p) / n) + 1 / n
+    # Every score equal: ties count against the query, so nothing is retrieved.
+    const = lambda x: np.ones((len(x), 1), np.float32)
+    assert set(ev.run(const, const).values()) == {0.0}
+
+
+def test_retrieval_missing_caption_key():
+    ev = retrieval.RetrievalEvaluator(captions_builder(), caption_key="short_caption")
+    with pytest.raises(
+        KeyError, match="dataset 'fake_captions' split 'test' has no feature 'short_caption'"
+    ):
+        ev.run(identity_images, identity_texts)
+
+
+# ---------------------------------------------------------------------------- a real tfds builder
+
+
+class EvaluatorTestScenes(tfds.core.GeneratorBasedBuilder):
+    """24 examples: pixel [0,0,0] = i, caption names shape i % 3 and number i."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        features = {
+            "image": tfds.features.Image(shape=(8, 8, 3)),
+            "long_caption": tfds.features.Text(),
+            "num_objects": tfds.features.Scalar(np.int32),
+            "largest_shape": tfds.features.ClassLabel(names=SHAPES[:3]),
+        }
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features))
+
+    def _split_generators(self, dl_manager):
+        return {"test": self._generate_examples(24)}
+
+    def _generate_examples(self, n):
+        for i in range(n):
+            image = np.zeros((8, 8, 3), np.uint8)
+            image[0, 0, 0] = i
+            caption = f"a {SHAPES[i % 3]} number {i}"
+            yield (
+                i,
+                {
+                    "image": PIL.Image.fromarray(image),
+                    "long_caption": caption,
+                    "num_objects": np.int32(1 + i % 2),
+                    "largest_shape": i % 3,
+                },
+            )
+
+
+def test_real_tfds_builder(tmp_path):
+    builder = EvaluatorTestScenes(data_dir=str(tmp_path), file_format="array_record")
+    builder.download_and_prepare()
+    shape_images = lambda x: np.eye(len(SHAPES), dtype=np.float32)[x[:, 0, 0, 0] % 3]
+    task = {"label_key": "largest_shape", "templates": ("a {}",), "single_object": True}
+    zs = evaluators.get("zeroshot")(builder=builder, tasks={"shape": task}, batch_size=5)
+    assert zs.run(shape_images, lambda t: onehot_texts(t)[:, : len(SHAPES)]) == {
+        "zeroshot/shape/top1": 1.0
+    }
+    assert len(zs._task_data["shape"].rows) == 12  # the single-object half
+
+    number = lambda texts: np.eye(24, dtype=np.float32)[[int(t.split()[-1]) for t in texts]]
+    ret = evaluators.get("retrieval")(builder=builder, split="test[:10]", batch_size=4, ks=(1,))
+    metrics = ret.run(lambda x: np.eye(24, dtype=np.float32)[x[:, 0, 0, 0]], number)
+    assert metrics == {"retrieval/test[:10]/i2t_r1": 1.0, "retrieval/test[:10]/t2i_r1": 1.0}
