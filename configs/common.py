@@ -1,0 +1,255 @@
+"""Shared config defaults and the config-argument parser.
+
+A run is described by `--config path/to/file.py:preset` plus any number of
+`--config.key.sub=value` overrides (big_vision style). Each config file defines
+`get_config(arg: str | None) -> ml_collections.ConfigDict`; the text after ':' is the preset.
+
+Overrides are type-checked against the existing value, and a key that does not exist is an
+error that names it (with the closest existing keys), so a typo never silently trains the
+default.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import ml_collections
+
+PRESET_SEPARATOR = ":"
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Defaults shared by every method; each config file starts from this and edits it."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.total_steps = 1000
+    c.batch_size = 256  # global batch, split over all devices
+    # Mesh axes (name, size); one size may be -1 ("all remaining devices").
+    c.mesh = (("data", -1), ("model", 1))
+    # (regex over parameter paths such as 'image/blocks/0/mlp/fc1/kernel', spec) pairs, first
+    # match wins. spec: 'replicate', 'fsdp' (largest divisible dim over the 'data' axis) or a
+    # tuple of mesh-axis names / None per dimension.
+    c.sharding_rules = ((".*", "replicate"),)
+    c.distributed = False  # jax.distributed.initialize() for multi-host runs
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "synthetic_scenes"
+    c.data.data_dir = "data"
+    c.data.build = ml_collections.ConfigDict()  # kwargs of the builder (sizes, seed, resolution)
+    c.data.split = "train"
+    c.data.text_key = "long_caption"
+    c.data.num_threads = 2  # grain reader threads per host
+    c.data.prefetch = 4
+
+    c.pp = ml_collections.ConfigDict()
+    c.pp.image_size = 224
+    c.pp.crop_scale = (0.5, 1.0)  # random-resized-crop area range (train only)
+    c.pp.flip = True
+    c.pp.context_length = 77
+    # Path to tokenizer.json (HuggingFace) or a sentencepiece .model. None: the dataset's own.
+    c.tokenizer = ml_collections.config_dict.placeholder(str)
+
+    c.model = ml_collections.ConfigDict()
+    c.model.image = ml_collections.ConfigDict({"variant": "B/16", "pool": "cls"})
+    c.model.text = ml_collections.ConfigDict({"variant": "B", "causal": True, "pool": "eos"})
+    c.model.embed_dim = 512
+    c.model.logit_scale_init = math.log(1 / 0.07)
+    c.model.logit_bias_init = ml_collections.config_dict.placeholder(float)
+    c.model.max_logit_scale = 100.0
+    c.model.dtype = "float32"
+
+    c.objective = ml_collections.ConfigDict({"name": "clip"})
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 5e-4
+    c.optim.warmup_steps = 100
+    c.optim.min_lr_ratio = 0.0  # cosine decays to lr * min_lr_ratio
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.98
+    c.optim.eps = 1e-6
+    c.optim.weight_decay = 0.2
+    # Parameters whose path matches are not decayed (norm gains, biases, embeddings of scalars).
+    c.optim.no_decay = r".*(bias|scale|norm.*|logit_scale|logit_bias|cls_token|pos_embed.*)$"
+    c.optim.grad_clip_norm = 1.0
+    c.optim.lr_mults = ()  # ((regex, multiplier), ...): e.g. a separate rate for class centers
+
+    c.log_every = 10
+    c.ckpt_every = 200
+    c.keep_ckpts = 2
+    c.eval_every = 500  # periodic evaluation; the final step is always evaluated
+    c.evals = ml_collections.ConfigDict()
+    return c
+
+
+def load_module(path: str) -> Any:
+    """Imports a config file by path (config files need not be on sys.path)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--config: config file {path!r} does not exist")
+    name = "mlcd_config_" + os.path.splitext(os.path.basename(path))[0]
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """Loads `path/to/config.py[:preset]` by calling its `get_config(preset)`."""
+    path, _, preset = spec.partition(PRESET_SEPARATOR)
+    module = load_module(path)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"--config: {path} defines no get_config(preset)")
+    return module.get_config(preset or None)
+
+
+def _all_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in config.items():
+        keys.append(prefix + k)
+        if isinstance(v, ml_collections.ConfigDict):
+            keys.extend(_all_keys(v, prefix + k + "."))
+    return keys
+
+
+def _parse_value(key: str, text: str, current: Any, field_type: type | None) -> Any:
+    """Converts an override string to the type of the value it replaces."""
+    target = field_type if current is None else type(current)
+    if target is bool:
+        low = text.lower()
+        if low in ("true", "1", "yes"):
+            return True
+        if low in ("false", "0", "no"):
+            return False
+        raise ValueError(f"--config.{key}: expected a bool, got {text!r}")
+    if target is str:
+        return text
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        if target is None:
+            return text  # an unset field without a declared type takes the string as is
+        raise ValueError(
+            f"--config.{key}: cannot parse {text!r} as {target.__name__}"
+        ) from None
+    if target is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if target in (tuple, list) and isinstance(value, list | tuple):
+        return target(value)
+    if target is not None and not isinstance(value, target):
+        raise ValueError(
+            f"--config.{key}: expected {target.__name__}, got {text!r} ({type(value).__name__})"
+        )
+    return value
+
+
+def apply_override(config: ml_collections.ConfigDict, key: str, text: str) -> None:
+    """Sets `config.<key>` (dotted) from its string form; an unknown key raises KeyError."""
+    *parents, leaf = key.split(".")
+    node = config
+    for i, part in enumerate(parents):
+        child = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
+        if not isinstance(child, ml_collections.ConfigDict):
+            _unknown_key(config, ".".join(parents[: i + 1]))
+        node = child
+    if leaf not in node:
+        _unknown_key(config, key)
+    field_type = node.get_type(leaf)
+    if field_type is type(None):
+        field_type = None
+    node[leaf] = _parse_value(key, text, node[leaf], field_type)
+
+
+def _unknown_key(config: ml_collections.ConfigDict, key: str) -> None:
+    close = difflib.get_close_matches(key, _all_keys(config), n=3, cutoff=0.6)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    raise KeyError(f"--config.{key}: unknown config key.{hint}")
+
+
+def parse_overrides(config: ml_collections.ConfigDict, argv: Sequence[str]) -> None:
+    """Applies `--config.a.b=value` / `--config.a.b value` arguments in order."""
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--config."):
+            raise ValueError(f"unrecognised argument {arg!r} (overrides look like --config.key=v)")
+        body = arg[len("--config.") :]
+        if "=" in body:
+            key, text = body.split("=", 1)
+        elif i + 1 < len(argv):
+            key, text = body, argv[i + 1]
+            i += 1
+        else:
+            raise ValueError(f"{arg}: missing value")
+        apply_override(config, key, text)
+        i += 1
+
+
+def tiny_preset(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The CPU try-out: synthetic_scenes, tiny towers, a few minutes on 2 cores.
+
+    Shared by clip.py / align.py / siglip.py so their tiny runs differ only in the objective.
+    """
+    c.total_steps = 600
+    c.batch_size = 128
+    c.data.build = ml_collections.ConfigDict(
+        {"train_size": 20000, "validation_size": 1000, "test_size": 2000, "image_size": 64}
+    )
+    c.pp.image_size = 64
+    c.pp.crop_scale = (0.8, 1.0)  # mild: a crop must not cut away objects the caption names
+    c.pp.context_length = 48
+    c.model.image = ml_collections.ConfigDict({"variant": "tiny", "pool": "cls"})
+    c.model.text = ml_collections.ConfigDict({"variant": "tiny", "causal": True, "pool": "eos"})
+    c.model.embed_dim = 128
+    c.optim.lr = 1e-3
+    c.optim.warmup_steps = 60
+    c.optim.weight_decay = 0.05
+    c.log_every = 20
+    c.ckpt_every = 200
+    c.eval_every = 200
+    c.evals = ml_collections.ConfigDict(
+        {
+            "zeroshot": {"type": "zeroshot", "split": "test", "tasks": ("shape", "color")},
+            "retrieval": {"type": "retrieval", "split": "test", "caption_key": "long_caption"},
+        }
+    )
+    return c
+
+
+def paper_b16_preset(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """ViT-B/16 at CLIP's paper scale (224 px, 77 tokens, batch 32K, AdamW, wd 0.2), FSDP."""
+    c.total_steps = 400_000
+    c.batch_size = 32_768
+    c.pp.image_size = 224
+    c.pp.crop_scale = (0.9, 1.0)
+    c.pp.context_length = 77
+    c.model.image = ml_collections.ConfigDict({"variant": "B/16", "pool": "cls"})
+    c.model.text = ml_collections.ConfigDict({"variant": "B/16", "causal": True, "pool": "eos"})
+    c.model.embed_dim = 512
+    c.model.dtype = "bfloat16"
+    c.optim.lr = 5e-4
+    c.optim.warmup_steps = 2000
+    c.optim.weight_decay = 0.2
+    c.sharding_rules = ((".*", "fsdp"),)
+    c.log_every = 100
+    c.ckpt_every = 2000
+    c.eval_every = 10_000
+    c.evals = ml_collections.ConfigDict(
+        {
+            "zeroshot": {"type": "zeroshot", "split": "test", "tasks": ("shape", "color")},
+            "retrieval": {"type": "retrieval", "split": "test", "caption_key": "long_caption"},
+        }
+    )
+    return c
+
+
+def select_preset(path: str, arg: str | None, presets: dict[str, Any]) -> Any:
+    """presets[arg] (default: the first), or an error naming the config file and its presets."""
+    name = arg or next(iter(presets))
+    if name not in presets:
+        raise ValueError(f"--config {path}:{name}: unknown preset; known: {', '.join(presets)}")
+    return presets[name]

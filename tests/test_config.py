@@ -1,0 +1,79 @@
+"""Config loading, presets and `--config.key=value` overrides."""
+
+import glob
+import os
+
+import ml_collections
+import pytest
+
+from configs import common
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_FILES = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
+METHOD_CONFIGS = [p for p in CONFIG_FILES if os.path.basename(p) not in ("common.py", "__init__.py")]
+
+
+@pytest.mark.parametrize("path", METHOD_CONFIGS, ids=os.path.basename)
+def test_every_preset_builds(path):
+    presets = common.load_module(path).PRESETS
+    assert "tiny" in presets, f"{path} has no tiny preset"
+    for preset in presets:
+        c = common.load_config(f"{path}:{preset}")
+        assert isinstance(c, ml_collections.ConfigDict)
+        assert c.batch_size > 0 and c.total_steps > 0
+        assert c.objective.name
+
+
+def test_default_preset_is_first():
+    c = common.load_config(os.path.join(ROOT, "configs", "clip.py"))
+    assert c.model.image.variant == "tiny"
+
+
+def test_unknown_preset_names_it():
+    with pytest.raises(ValueError, match="unknown preset.*known: tiny, b16"):
+        common.load_config(os.path.join(ROOT, "configs", "clip.py") + ":huge")
+
+
+def test_missing_config_file():
+    with pytest.raises(FileNotFoundError, match="nope.py"):
+        common.load_config("configs/nope.py:tiny")
+
+
+def test_overrides_are_typed():
+    c = common.load_config(os.path.join(ROOT, "configs", "clip.py") + ":tiny")
+    common.parse_overrides(
+        c,
+        [
+            "--config.total_steps=7",
+            "--config.optim.lr",
+            "3",
+            "--config.pp.flip=false",
+            "--config.mesh=(('data', 2), ('model', 4))",
+            "--config.model.dtype=bfloat16",
+            "--config.tokenizer=/x/tok.json",
+        ],
+    )
+    assert c.total_steps == 7
+    assert c.optim.lr == 3.0 and isinstance(c.optim.lr, float)
+    assert c.pp.flip is False
+    assert c.mesh == (("data", 2), ("model", 4))
+    assert c.model.dtype == "bfloat16"
+    assert c.tokenizer == "/x/tok.json"
+
+
+@pytest.mark.parametrize(
+    ("arg", "message"),
+    [
+        ("--config.totl_steps=3", r"--config.totl_steps: unknown config key. Did you mean: total_steps"),
+        ("--config.optim.lrr=3", r"--config.optim.lrr: unknown config key"),
+        ("--config.nothere.x=3", r"--config.nothere: unknown config key"),
+        ("--config.total_steps=abc", r"--config.total_steps: cannot parse 'abc' as int"),
+        ("--config.total_steps=1.5", r"--config.total_steps: expected int"),
+        ("--config.pp.flip=maybe", r"--config.pp.flip: expected a bool"),
+        ("--steps=3", r"unrecognised argument '--steps=3'"),
+    ],
+)
+def test_bad_overrides_name_the_key(arg, message):
+    c = common.load_config(os.path.join(ROOT, "configs", "clip.py") + ":tiny")
+    with pytest.raises((KeyError, ValueError), match=message):
+        common.parse_overrides(c, [arg])
