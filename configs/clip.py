@@ -9,7 +9,6 @@ import math
 
 from configs import common
 
-
 PRESETS = {"tiny": common.tiny_preset, "b16": common.paper_b16_preset}
 
 

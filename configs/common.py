@@ -36,7 +36,13 @@ def base_config() -> ml_collections.ConfigDict:
     # match wins. spec: 'replicate', 'fsdp' (largest divisible dim over the 'data' axis) or a
     # tuple of mesh-axis names / None per dimension.
     c.sharding_rules = ((".*", "replicate"),)
-    c.distributed = False  # jax.distributed.initialize() for multi-host runs
+    # Multi-host: jax.distributed.initialize(**set fields). On TPU pods / SLURM / GKE the fields
+    # can stay unset (auto-detected); a local multi-process CPU run sets all three.
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.enabled = False
+    c.distributed.coordinator_address = ml_collections.config_dict.placeholder(str)
+    c.distributed.num_processes = ml_collections.config_dict.placeholder(int)
+    c.distributed.process_id = ml_collections.config_dict.placeholder(int)
 
     c.data = ml_collections.ConfigDict()
     c.data.name = "synthetic_scenes"
@@ -133,9 +139,7 @@ def _parse_value(key: str, text: str, current: Any, field_type: type | None) -> 
     except (ValueError, SyntaxError):
         if target is None:
             return text  # an unset field without a declared type takes the string as is
-        raise ValueError(
-            f"--config.{key}: cannot parse {text!r} as {target.__name__}"
-        ) from None
+        raise ValueError(f"--config.{key}: cannot parse {text!r} as {target.__name__}") from None
     if target is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if target in (tuple, list) and isinstance(value, list | tuple):
@@ -201,6 +205,7 @@ def tiny_preset(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     )
     c.pp.image_size = 64
     c.pp.crop_scale = (0.8, 1.0)  # mild: a crop must not cut away objects the caption names
+    c.pp.flip = False  # captions name positions ("on the left"): a flip would contradict them
     c.pp.context_length = 48
     c.model.image = ml_collections.ConfigDict({"variant": "tiny", "pool": "cls"})
     c.model.text = ml_collections.ConfigDict({"variant": "tiny", "causal": True, "pool": "eos"})

@@ -9,7 +9,7 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax  # noqa: E402
+import jax
 
 _CACHE = os.environ.get(
     "MLCD_TEST_COMPILATION_CACHE", os.path.join(os.path.dirname(__file__), "..", ".jax_cache")
@@ -17,3 +17,42 @@ _CACHE = os.environ.get(
 jax.config.update("jax_compilation_cache_dir", os.path.abspath(_CACHE))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+import pytest  # noqa: E402
+
+# A small synthetic_scenes build shared by every test that trains or reads data.
+SMALL_SCENES = {"train_size": 256, "validation_size": 16, "test_size": 96, "image_size": 32}
+
+
+@pytest.fixture(scope="session")
+def scenes_dir(tmp_path_factory):
+    """data_dir holding the small synthetic_scenes build (built once per test session)."""
+    from input_pipeline.datasets import synthetic_scenes
+
+    data_dir = str(tmp_path_factory.mktemp("scenes"))
+    synthetic_scenes.build(data_dir, **SMALL_SCENES)
+    return data_dir
+
+
+@pytest.fixture(scope="session")
+def scenes_builder(scenes_dir):
+    from input_pipeline.datasets import synthetic_scenes
+
+    return synthetic_scenes.build(scenes_dir, **SMALL_SCENES)
+
+
+def tiny_overrides(data_dir: str, **extra) -> list[str]:
+    """--config overrides turning a tiny preset into a seconds-long run on SMALL_SCENES."""
+    values = {
+        "data.data_dir": data_dir,
+        **{f"data.build.{k}": v for k, v in SMALL_SCENES.items()},
+        "pp.image_size": 32,
+        "pp.context_length": 48,
+        "batch_size": 16,
+        "total_steps": 2,
+        "log_every": 1,
+        "ckpt_every": 2,
+        "eval_every": 0,
+        **extra,
+    }
+    return [f"--config.{k}={v}" for k, v in values.items()]

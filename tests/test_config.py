@@ -10,7 +10,9 @@ from configs import common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
-METHOD_CONFIGS = [p for p in CONFIG_FILES if os.path.basename(p) not in ("common.py", "__init__.py")]
+METHOD_CONFIGS = [
+    p for p in CONFIG_FILES if os.path.basename(p) not in ("common.py", "__init__.py")
+]
 
 
 @pytest.mark.parametrize("path", METHOD_CONFIGS, ids=os.path.basename)
@@ -30,12 +32,12 @@ def test_default_preset_is_first():
 
 
 def test_unknown_preset_names_it():
-    with pytest.raises(ValueError, match="unknown preset.*known: tiny, b16"):
+    with pytest.raises(ValueError, match=r"unknown preset.*known: tiny, b16"):
         common.load_config(os.path.join(ROOT, "configs", "clip.py") + ":huge")
 
 
 def test_missing_config_file():
-    with pytest.raises(FileNotFoundError, match="nope.py"):
+    with pytest.raises(FileNotFoundError, match=r"nope\.py"):
         common.load_config("configs/nope.py:tiny")
 
 
@@ -64,7 +66,10 @@ def test_overrides_are_typed():
 @pytest.mark.parametrize(
     ("arg", "message"),
     [
-        ("--config.totl_steps=3", r"--config.totl_steps: unknown config key. Did you mean: total_steps"),
+        (
+            "--config.totl_steps=3",
+            r"--config.totl_steps: unknown config key. Did you mean: total_steps",
+        ),
         ("--config.optim.lrr=3", r"--config.optim.lrr: unknown config key"),
         ("--config.nothere.x=3", r"--config.nothere: unknown config key"),
         ("--config.total_steps=abc", r"--config.total_steps: cannot parse 'abc' as int"),

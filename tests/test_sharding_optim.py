@@ -27,7 +27,9 @@ def test_bad_mesh_names_config_key(axes):
 
 def test_batch_size_must_divide_devices():
     mesh = sharding.make_mesh((("data", -1),))
-    with pytest.raises(ValueError, match=r"config\.batch_size=12 is not divisible by the 8 devices"):
+    with pytest.raises(
+        ValueError, match=r"config\.batch_size=12 is not divisible by the 8 devices"
+    ):
         sharding.check_batch_divisible(12, mesh, "config.batch_size")
     assert sharding.check_batch_divisible(16, mesh, "config.batch_size") == 2
 
@@ -112,8 +114,14 @@ def test_optimizer_matches_optax_adamw_and_applies_multipliers():
         lr=0.1, warmup_steps=0, weight_decay=0.1, grad_clip_norm=0.0, lr_mults=(("c", 2.0),)
     )
     tx, sched = optim.make_optimizer(cfg, params, total_steps=10)
-    ref = optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=0.1,
-                      mask={"w": True, "b": False, "c": True})
+    ref = optax.adamw(
+        sched,
+        b1=cfg.b1,
+        b2=cfg.b2,
+        eps=cfg.eps,
+        weight_decay=0.1,
+        mask={"w": True, "b": False, "c": True},
+    )
     upd, _ = tx.update(grads, tx.init(params), params)
     ref_upd, _ = ref.update(grads, ref.init(params), params)
     np.testing.assert_allclose(upd["w"], ref_upd["w"], rtol=1e-6)

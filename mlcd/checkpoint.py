@@ -1,0 +1,69 @@
+"""Checkpoints: orbax CheckpointManager holding the train state and the data-iterator state.
+
+One checkpoint = {state: params, opt_state, step, rng} (sharded arrays, StandardSave) +
+{data: the grain iterator state} (JSON). Saves are asynchronous; orbax writes each step into a
+temporary directory and renames it when complete, so a crash mid-save leaves no step that
+`latest_step()` would return: a resumed run restarts from the last *complete* checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+    """Thin wrapper over ocp.CheckpointManager for `<workdir>/checkpoints`."""
+
+    def __init__(self, workdir: str, keep: int):
+        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+        )
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def save(self, step: int, state: dict[str, Any], data_state: dict[str, Any]) -> None:
+        """Starts an asynchronous save; `wait()` before relying on it being on disk."""
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)
+            ),
+        )
+
+    def restore(self, step: int, target: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Restores onto `target`: a tree of jax.ShapeDtypeStruct with concrete shardings.
+
+        Passing the target (never relying on saved shardings) is what lets a run resume on a
+        different mesh or device count.
+        """
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()
+            ),
+        )
+        return restored.state, restored.data
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def abstract_like(tree: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs of `tree` placed with `shardings` (a matching tree of shardings)."""
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    )

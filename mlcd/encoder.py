@@ -1,0 +1,104 @@
+"""Batched embedding of raw images and strings with a two-tower model's parameters.
+
+Used by the trainer's periodic evaluations (with the live, possibly sharded parameters) and by
+exported encoders, so both evaluate with exactly the same preprocessing and numerics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from input_pipeline import preprocess
+from input_pipeline.tokenizers import Tokenizer
+from mlcd import sharding
+from mlcd.models import l2_normalize
+
+
+class Encoder:
+    """embed_images(uint8 NHWC, any resolution) / embed_texts(list[str]) -> dicts of NumPy.
+
+    Inputs are processed in fixed-size chunks (padded, then trimmed) so each tower compiles
+    once, whatever the number of inputs; chunks are sharded over all devices of `mesh`.
+    """
+
+    def __init__(
+        self,
+        graphdef: nnx.GraphDef,
+        params: Any,
+        *,
+        image_size: int,
+        tokenizer: Tokenizer | None,
+        context_length: int,
+        mesh: Mesh,
+        batch_size: int = 256,
+    ):
+        self.image_size = int(image_size)
+        self._graphdef = graphdef
+        self.params = params
+        self._tokenizer = tokenizer
+        self._context_length = int(context_length)
+        self._mesh = mesh
+        # Round the chunk up to a multiple of the device count: the batch dim is sharded.
+        self._batch_size = -(-batch_size // mesh.size) * mesh.size
+
+        def image_fn(params, images):
+            out = nnx.merge(graphdef, params).encode_image(preprocess.normalize_images(images))
+            return {
+                "embedding": l2_normalize(out["embedding"].astype(jnp.float32)),
+                "pre_logits": out["pre_logits"].astype(jnp.float32),
+                "patch_tokens": out["patch_tokens"].astype(jnp.float32),
+            }
+
+        def text_fn(params, tokens):
+            out = nnx.merge(graphdef, params).encode_text(tokens)
+            return {"embedding": l2_normalize(out["embedding"].astype(jnp.float32))}
+
+        # Replicated outputs: every host can read the embeddings (multi-host evaluation).
+        replicated = NamedSharding(mesh, P())
+        self._image_fn = jax.jit(image_fn, out_shardings=replicated)
+        self._text_fn = jax.jit(text_fn, out_shardings=replicated)
+        self._in_sharding = sharding.batch_sharding(mesh)
+
+    def _run(self, fn, inputs: np.ndarray, keys: Sequence[str]) -> dict[str, np.ndarray]:
+        n = len(inputs)
+        chunks: dict[str, list[np.ndarray]] = {k: [] for k in keys}
+        with jax.set_mesh(self._mesh):
+            for start in range(0, n, self._batch_size):
+                chunk = inputs[start : start + self._batch_size]
+                pad = self._batch_size - len(chunk)
+                if pad:
+                    chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
+                # Every host holds the whole chunk, so device_put (not host_to_global, which
+                # expects a per-host slice) places each device's rows.
+                out = fn(self.params, jax.device_put(chunk, self._in_sharding))
+                for k in keys:
+                    chunks[k].append(np.asarray(out[k])[: self._batch_size - pad])
+        return {k: np.concatenate(v) for k, v in chunks.items()}
+
+    def embed_images(
+        self, images: np.ndarray, keys: Sequence[str] = ("embedding", "pre_logits", "patch_tokens")
+    ) -> dict[str, np.ndarray]:
+        """uint8 [N, H, W, 3] -> {'embedding' [N, E] L2-normalised, 'pre_logits' [N, W],
+        'patch_tokens' [N, P, W]} (float32), after resize + center crop to image_size."""
+        images = np.asarray(images)
+        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+            raise ValueError(
+                f"embed_images expects uint8 [N, H, W, 3], got {images.dtype} {images.shape}"
+            )
+        resized = np.stack([preprocess.resize_center_crop(im, self.image_size) for im in images])
+        return self._run(self._image_fn, resized, keys)
+
+    def embed_texts(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        """list of N strings -> {'embedding': float32 [N, E] L2-normalised}."""
+        if self._tokenizer is None:
+            raise ValueError("this encoder has no text tower / tokenizer")
+        tokens = self._tokenizer.encode(list(texts), self._context_length)
+        return self._run(self._text_fn, tokens, ("embedding",))

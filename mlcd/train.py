@@ -1,0 +1,349 @@
+"""The one trainer: python -m mlcd.train --config configs/clip.py:tiny --workdir runs/clip_tiny
+
+Sections, top to bottom: config -> mesh -> data -> model -> optimizer -> checkpoint (resume)
+-> train step -> evaluators -> loop -> final report. The objective (CLIP, SigLIP, ...) is picked
+by name from config.objective; nothing below branches on the method.
+
+The train state is a plain dict {params, opt_state, step, rng} of global jax.Arrays sharded by
+`config.sharding_rules`, so the same code runs on 1 CPU and on a multi-host mesh. Every random
+choice (init, data order, augmentation, per-step rng) derives from config.seed, and the data
+iterator's position is checkpointed, so a resumed run continues exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from jax.experimental import multihost_utils
+from tqdm import tqdm
+
+from configs import common as config_lib
+from input_pipeline import datasets, preprocess
+from input_pipeline.pipeline import TrainIterator
+from input_pipeline.tokenizers import Tokenizer, load_tokenizer
+from mlcd import evaluators, objectives, optim, sharding
+from mlcd.checkpoint import Checkpointer, abstract_like
+from mlcd.encoder import Encoder
+from mlcd.metrics_writer import MetricWriter, plot_metrics, read_metrics
+from mlcd.models import build_model
+
+
+def resolve_model_config(
+    config: ml_collections.ConfigDict, tokenizer: Tokenizer | None
+) -> ml_collections.ConfigDict:
+    """Fills the model fields that follow from data and tokenizer (resolution, vocabulary)."""
+    config = ml_collections.ConfigDict(config)  # copy: never edit the caller's config
+    with config.unlocked():
+        config.model.image.image_size = config.pp.image_size
+        if config.model.get("text") is not None and tokenizer is not None:
+            config.model.text.vocab_size = tokenizer.vocab_size
+            config.model.text.eos_id = tokenizer.eos_id
+            config.model.text.pad_id = tokenizer.pad_id
+            config.model.text.context_length = config.pp.context_length
+    return config
+
+
+def abstract_model(model_cfg: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, Any]:
+    """(graphdef, abstract params as a pure dict of ShapeDtypeStructs), allocating nothing."""
+    model = nnx.eval_shape(lambda: build_model(model_cfg, rngs=nnx.Rngs(0)))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    if jax.tree.leaves(rest):
+        raise ValueError("models must keep all their state in nnx.Param (found other variables)")
+    return graphdef, nnx.to_pure_dict(params)
+
+
+def init_params(model_cfg: ml_collections.ConfigDict, seed: int, shardings: Any) -> Any:
+    """Parameters created directly with their final sharding (no host ever holds them whole)."""
+
+    @jax.jit
+    def init():
+        model = build_model(model_cfg, rngs=nnx.Rngs(seed))
+        return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+    return jax.jit(init, out_shardings=shardings)()
+
+
+def make_train_step(graphdef, objective, tx, schedule, state_shardings, batch_sharding, mesh):
+    """Jitted (state, batch) -> (state, metrics); the input state's buffers are donated."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def step_fn(state, batch):
+        rng, step_rng = jax.random.split(jax.random.wrap_key_data(state["rng"]))
+        images = preprocess.normalize_images(batch["image"])
+
+        def loss_fn(params):
+            out = nnx.merge(graphdef, params)(images, batch.get("tokens"))
+            return objective(out, batch, step_rng)
+
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        new_state = {
+            "params": optax.apply_updates(state["params"], updates),
+            "opt_state": opt_state,
+            "step": state["step"] + 1,
+            "rng": jax.random.key_data(rng),
+        }
+        metrics = {
+            "train/loss": loss,
+            "train/lr": schedule(state["step"]),
+            "train/grad_norm": optax.tree.norm(grads),
+            **{f"train/{k}": v for k, v in aux.items()},
+        }
+        return new_state, metrics
+
+    return jax.jit(
+        step_fn,
+        in_shardings=(state_shardings, batch_sharding),
+        out_shardings=(state_shardings, replicated),
+        donate_argnums=(0,),
+    )
+
+
+def make_evaluators(config: ml_collections.ConfigDict, builder) -> dict[str, tuple[Any, int]]:
+    """{name: (evaluator, every)} from config.evals = {name: {type, every, **kwargs}}."""
+    out = {}
+    for name, ecfg in config.evals.items():
+        kwargs = ecfg.to_dict()
+        kind = kwargs.pop("type", name)
+        every = int(kwargs.pop("every", config.eval_every))
+        out[name] = (evaluators.get(kind)(builder=builder, **kwargs), every)
+    return out
+
+
+def run_evaluators(evals, encoder: Encoder, step: int, final: bool) -> dict[str, float]:
+    results = {}
+    for _, (evaluator, every) in evals.items():
+        if final or (every > 0 and step % every == 0):
+            results.update(
+                evaluator.run(
+                    lambda x: encoder.embed_images(x, keys=("embedding",))["embedding"],
+                    lambda t: encoder.embed_texts(t)["embedding"],
+                )
+            )
+    return results
+
+
+def initialize_distributed(cfg: ml_collections.ConfigDict) -> None:
+    """jax.distributed.initialize with the fields of config.distributed that are set."""
+    if jax.config.jax_platforms in (None, "", "cpu") and cfg.coordinator_address:
+        # Cross-process collectives on CPU (local multi-process runs and tests) go through gloo.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    kwargs = {k: v for k, v in cfg.items() if k != "enabled" and v is not None}
+    jax.distributed.initialize(**kwargs)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Trains (resuming from workdir if it holds a checkpoint), evaluates, returns final metrics."""
+    # ---- Distributed set-up and mesh ------------------------------------------------------
+    if config.distributed.enabled:
+        initialize_distributed(config.distributed)
+    mesh = sharding.make_mesh(config.mesh)
+    sharding.check_batch_divisible(config.batch_size, mesh, "config.batch_size")
+    if config.batch_size % jax.process_count():
+        raise ValueError(
+            f"config.batch_size={config.batch_size} is not divisible by {jax.process_count()} hosts"
+        )
+    os.makedirs(workdir, exist_ok=True)
+
+    # ---- Data -------------------------------------------------------------------------------
+    get_builder = lambda: datasets.get_builder(
+        config.data.name, config.data.data_dir, **config.data.build.to_dict()
+    )
+    if jax.process_count() > 1:
+        # Host 0 builds a missing dataset first, so hosts sharing a filesystem never write the
+        # same directory concurrently; the others then find it prepared (or, on host-local
+        # disks, build their own identical copy).
+        if jax.process_index() == 0:
+            get_builder()
+        multihost_utils.sync_global_devices("dataset_ready")
+    builder = get_builder()
+    tokenizer_path = config.tokenizer or os.path.join(builder.data_dir, "tokenizer.json")
+    tokenizer = load_tokenizer(tokenizer_path)
+    config = resolve_model_config(config, tokenizer)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json(indent=2))
+    train_iter = TrainIterator(
+        builder,
+        config,
+        tokenizer,
+        host_batch_size=config.batch_size // jax.process_count(),
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+
+    # ---- Model and optimizer ----------------------------------------------------------------
+    graphdef, abstract_params = abstract_model(config.model)
+    param_shardings = sharding.param_shardings(abstract_params, config.sharding_rules, mesh)
+    tx, schedule = optim.make_optimizer(config.optim, abstract_params, config.total_steps)
+    objective = objectives.get(config.objective.name)(config.objective)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    with jax.set_mesh(mesh):
+        params = init_params(config.model, config.seed, param_shardings)
+        # Optimizer moments are created from the sharded params and inherit their layout.
+        opt_state = jax.jit(tx.init)(params)
+        state = {
+            "params": params,
+            "opt_state": opt_state,
+            "step": jax.device_put(jnp.zeros((), jnp.int32), replicated),
+            "rng": jax.device_put(jax.random.key_data(jax.random.key(config.seed + 1)), replicated),
+        }
+    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    num_params = sum(x.size for x in jax.tree.leaves(params))
+
+    # ---- Checkpoint: resume if the workdir has one ------------------------------------------
+    ckpt = Checkpointer(workdir, keep=config.keep_ckpts)
+    resume_step = ckpt.latest_step()
+    if resume_step is not None:
+        state, data_state = ckpt.restore(resume_step, abstract_like(state, state_shardings))
+        train_iter.set_state(data_state)
+        logging.info("resumed from step %d", resume_step)
+    writer = MetricWriter(workdir, resume_step=resume_step)
+
+    # ---- Train step and evaluators ----------------------------------------------------------
+    train_step = make_train_step(
+        graphdef, objective, tx, schedule, state_shardings, sharding.batch_sharding(mesh), mesh
+    )
+    evals = make_evaluators(config, builder)
+
+    # One encoder (its towers compile once); it is pointed at the live params before each eval.
+    encoder = Encoder(
+        graphdef,
+        state["params"],
+        image_size=config.pp.image_size,
+        tokenizer=tokenizer,
+        context_length=config.pp.context_length,
+        mesh=mesh,
+    )
+
+    # ---- Loop ---------------------------------------------------------------------------------
+    step = int(resume_step or 0)
+    total = int(config.total_steps)
+    log_metrics: list[dict[str, jax.Array]] = []
+    images_seen, t_log = 0, time.perf_counter()
+    bar = tqdm(
+        total=total,
+        initial=step,
+        desc="train",
+        unit="step",
+        disable=jax.process_index() != 0,
+        dynamic_ncols=True,
+    )
+    with jax.set_mesh(mesh):
+        while step < total:
+            batch = sharding.host_to_global(next(train_iter), mesh)
+            state, metrics = train_step(state, batch)
+            step += 1
+            images_seen += config.batch_size
+            log_metrics.append(metrics)
+            bar.update(1)
+            if step % config.log_every == 0 or step == total:
+                # Fetching metrics syncs with the device: do it only at log time.
+                means = jax.tree.map(lambda *v: float(np.mean(v)), *jax.device_get(log_metrics))
+                elapsed = time.perf_counter() - t_log
+                means["train/images_per_sec"] = images_seen / max(elapsed, 1e-9)
+                means["data/skipped_examples"] = train_iter.skipped
+                writer.write(step, means)
+                bar.set_postfix(
+                    loss=f"{means['train/loss']:.4f}",
+                    img_s=f"{means['train/images_per_sec']:.0f}",
+                )
+                log_metrics, images_seen, t_log = [], 0, time.perf_counter()
+            if step % config.ckpt_every == 0 or step == total:
+                ckpt.save(step, state, train_iter.get_state())
+            if step < total and evals:
+                encoder.params = state["params"]
+                results = run_evaluators(evals, encoder, step, final=False)
+                if results:
+                    writer.write(step, results)
+                    t_log = time.perf_counter()  # evaluation time is not training throughput
+    bar.close()
+
+    # ---- Final evaluation and report --------------------------------------------------------
+    encoder.params = state["params"]
+    with jax.set_mesh(mesh):
+        final = run_evaluators(evals, encoder, step, final=True)
+    writer.write(step, final)
+    ckpt.close()
+    writer.close()
+    if jax.process_index() == 0:
+        png = plot_metrics(writer.path, os.path.join(workdir, "curves.png"))
+        last_train = [r for r in read_metrics(writer.path) if "train/loss" in r]
+        summary = {**(last_train[-1] if last_train else {}), **final}
+        summary.pop("step", None)
+        print(format_report(summary, workdir, png, num_params, step))
+    return final
+
+
+def format_report(metrics: dict[str, float], workdir: str, png: str, num_params: int, step: int):
+    lines = [
+        "",
+        f"Finished at step {step} ({num_params / 1e6:.2f}M parameters).",
+        f"{'metric':<34} {'value':>10}",
+        f"{'-' * 34} {'-' * 10}",
+    ]
+    lines += [f"{k:<34} {v:>10.4f}" for k, v in sorted(metrics.items())]
+    lines += [
+        "",
+        f"outputs:  {os.path.abspath(workdir)}",
+        f"  checkpoints/    metrics.jsonl    tensorboard/    config.json    {os.path.basename(png)}",
+    ]
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, str]:
+    parser = argparse.ArgumentParser(
+        prog="python -m mlcd.train",
+        description="Train from a config: --config FILE.py:PRESET --workdir DIR [--config.key=v]",
+    )
+    parser.add_argument("--config", required=True, help="path/to/config.py[:preset]")
+    parser.add_argument("--workdir", required=True, help="run directory (resumed if it exists)")
+    args, overrides = parser.parse_known_args(argv)
+    config = config_lib.load_config(args.config)
+    config_lib.parse_overrides(config, overrides)
+    return config, args.workdir
+
+
+def enable_compilation_cache() -> None:
+    """Persistent XLA cache (default ~/.cache/mlcd/jax, or $JAX_COMPILATION_CACHE_DIR): a
+    re-run or a resumed run skips the seconds-long compiles of the step and the towers."""
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        cache = os.path.join(os.path.expanduser("~"), ".cache", "mlcd", "jax")
+        jax.config.update("jax_compilation_cache_dir", cache)
+    if not os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"):
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger(__name__).setLevel(logging.INFO)
+    # tfds/absl chatter (custom-config notices, the OpenCV hint) is not news to a user.
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    enable_compilation_cache()
+    try:
+        config, workdir = parse_args(sys.argv[1:] if argv is None else argv)
+        train_and_evaluate(config, workdir)
+    except (KeyError, ValueError, FileNotFoundError) as e:
+        # Bad input (config key, mesh, batch size, dataset directory...): one clear line.
+        # MLCD_TRACEBACK=1 shows where it was raised.
+        if os.environ.get("MLCD_TRACEBACK"):
+            raise
+        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""Training input pipeline: determinism, exact resumption, per-host sharding, bad examples,
+and the image ops."""
+
+import hashlib
+import os
+
+import numpy as np
+import pytest
+from conftest import tiny_overrides
+
+from configs import common
+from input_pipeline import preprocess
+from input_pipeline.pipeline import TrainIterator
+from input_pipeline.tokenizers import load_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(scenes_dir, **extra):
+    config = common.load_config(os.path.join(ROOT, "configs/clip.py:tiny"))
+    common.parse_overrides(config, tiny_overrides(scenes_dir, **extra))
+    return config
+
+
+@pytest.fixture(scope="module")
+def tokenizer(scenes_builder):
+    return load_tokenizer(os.path.join(scenes_builder.data_dir, "tokenizer.json"))
+
+
+def _take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def _same(batches_a, batches_b):
+    for a, b in zip(batches_a, batches_b, strict=True):
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["tokens"], b["tokens"])
+
+
+def test_batches_have_the_configured_layout(scenes_builder, scenes_dir, tokenizer):
+    config = _config(scenes_dir)
+    batch = next(TrainIterator(scenes_builder, config, tokenizer, host_batch_size=8))
+    assert batch["image"].shape == (8, 32, 32, 3) and batch["image"].dtype == np.uint8
+    assert batch["tokens"].shape == (8, 48) and batch["tokens"].dtype == np.int32
+    assert np.all((batch["tokens"] == tokenizer.eos_id).sum(1) == 1)
+
+
+def test_same_seed_same_stream_and_exact_resume(scenes_builder, scenes_dir, tokenizer):
+    config = _config(scenes_dir)
+    it = TrainIterator(scenes_builder, config, tokenizer, host_batch_size=8)
+    # 40 batches of 8 > 256 examples: the stream crosses an epoch boundary.
+    first = _take(it, 37)
+    state = it.get_state()
+    rest = _take(it, 3)
+    fresh = TrainIterator(scenes_builder, config, tokenizer, host_batch_size=8)
+    _same(first + rest, _take(fresh, 40))
+    resumed = TrainIterator(scenes_builder, config, tokenizer, host_batch_size=8)
+    resumed.set_state(state)
+    _same(rest, _take(resumed, 3))
+    other = TrainIterator(scenes_builder, _config(scenes_dir, seed=1), tokenizer, host_batch_size=8)
+    assert not np.array_equal(next(other)["image"], first[0]["image"])
+
+
+def test_epochs_are_reshuffled_and_cover_the_split(scenes_builder, scenes_dir, tokenizer):
+    config = _config(scenes_dir)
+    with config.unlocked():
+        config.pp.crop_scale, config.pp.flip = (1.0, 1.0), False  # images pass unchanged
+    it = TrainIterator(scenes_builder, config, tokenizer, host_batch_size=16)
+    digest = lambda im: hashlib.sha1(im.tobytes()).hexdigest()
+    epoch1 = [digest(im) for b in _take(it, 16) for im in b["image"]]
+    epoch2 = [digest(im) for b in _take(it, 16) for im in b["image"]]
+    assert len(set(epoch1)) == 256 and set(epoch1) == set(epoch2)
+    assert epoch1 != epoch2
+
+
+def test_hosts_read_disjoint_examples(scenes_builder, scenes_dir, tokenizer):
+    config = _config(scenes_dir)
+    with config.unlocked():
+        config.pp.crop_scale, config.pp.flip = (1.0, 1.0), False
+    seen = []
+    for host in range(2):
+        it = TrainIterator(
+            scenes_builder,
+            config,
+            tokenizer,
+            host_batch_size=16,
+            process_index=host,
+            process_count=2,
+        )
+        seen.append({im.tobytes() for b in _take(it, 8) for im in b["image"]})
+    assert len(seen[0]) == len(seen[1]) == 128
+    assert not seen[0] & seen[1]
+
+
+class _CorruptSource:
+    """A data source whose example 5 carries bytes that are not an image."""
+
+    def __init__(self, source):
+        self._source = source
+
+    def __len__(self):
+        return len(self._source)
+
+    def __getitem__(self, i):
+        example = dict(self._source[i])
+        if i == 5:
+            example["image"] = b"definitely not a png"
+        return example
+
+
+class _CorruptBuilder:
+    def __init__(self, builder):
+        self._builder = builder
+        self.info, self.name = builder.info, builder.name
+
+    def as_data_source(self, **kw):
+        return _CorruptSource(self._builder.as_data_source(**kw))
+
+
+def test_unreadable_image_is_skipped_and_counted(scenes_builder, scenes_dir, tokenizer, caplog):
+    config = _config(scenes_dir)
+    it = TrainIterator(_CorruptBuilder(scenes_builder), config, tokenizer, host_batch_size=16)
+    batches = _take(it, 16)  # one full epoch, minus the bad example, fits in 16 batches
+    assert it.skipped == 1
+    assert all(b["image"].shape == (16, 32, 32, 3) for b in batches)
+    assert "unreadable image" in caplog.text and "train_" in caplog.text
+
+
+def test_bad_split_or_text_key_names_the_key(scenes_builder, scenes_dir, tokenizer):
+    with pytest.raises(ValueError, match=r"config\.data\.split='nope'"):
+        TrainIterator(
+            scenes_builder,
+            _config(scenes_dir, **{"data.split": "nope"}),
+            tokenizer,
+            host_batch_size=8,
+        )
+    with pytest.raises(ValueError, match=r"config\.data\.text_key='caption'"):
+        TrainIterator(
+            scenes_builder,
+            _config(scenes_dir, **{"data.text_key": "caption"}),
+            tokenizer,
+            host_batch_size=8,
+        )
+
+
+def test_random_resized_crop_and_center_crop():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)
+    for _ in range(20):
+        out = preprocess.random_resized_crop(image, 24, rng, scale=(0.3, 1.0))
+        assert out.shape == (24, 24, 3) and out.dtype == np.uint8
+    whole = preprocess.random_resized_crop(image[:, :40], 40, rng, scale=(1.0, 1.0), ratio=(1, 1))
+    np.testing.assert_array_equal(whole, image[:, :40])
+    center = preprocess.resize_center_crop(image, 40)  # shorter side is already 40
+    np.testing.assert_array_equal(center, image[:, 10:50])
+    assert preprocess.resize_center_crop(image, 20).shape == (20, 20, 3)
+
+
+def test_normalize_matches_clip_statistics():
+    x = np.full((1, 2, 2, 3), 255, np.uint8)
+    out = preprocess.normalize_images(x)
+    expected = (1.0 - np.asarray(preprocess.MEAN_RGB)) / np.asarray(preprocess.STD_RGB)
+    np.testing.assert_allclose(out[0, 0, 0], expected, rtol=1e-6)
