@@ -18,12 +18,18 @@ import orbax.checkpoint as ocp
 class Checkpointer:
     """Thin wrapper over ocp.CheckpointManager for `<workdir>/checkpoints`."""
 
-    def __init__(self, workdir: str, keep: int):
+    def __init__(self, workdir: str, keep: int | None = None, *, read_only: bool = False):
+        """keep: how many checkpoints to keep. read_only: for export / evaluation, which must
+        never create, clean up or write anything in a run's checkpoint directory."""
         self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-        self._manager = ocp.CheckpointManager(
-            self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+        if read_only and not os.path.isdir(self.directory):
+            raise FileNotFoundError(f"no checkpoints in {workdir} (expected {self.directory})")
+        options = (
+            ocp.CheckpointManagerOptions(read_only=True)
+            if read_only
+            else ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
         )
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()

@@ -21,6 +21,8 @@ from input_pipeline.tokenizers import Tokenizer
 from mlcd import sharding
 from mlcd.models import l2_normalize
 
+IMAGE_KEYS = ("embedding", "pre_logits", "patch_tokens", "patch_embeddings")
+
 
 class Encoder:
     """embed_images(uint8 NHWC, any resolution) / embed_texts(list[str]) -> dicts of NumPy.
@@ -41,7 +43,6 @@ class Encoder:
         batch_size: int = 256,
     ):
         self.image_size = int(image_size)
-        self._graphdef = graphdef
         self.params = params
         self._tokenizer = tokenizer
         self._context_length = int(context_length)
@@ -49,22 +50,26 @@ class Encoder:
         # Round the chunk up to a multiple of the device count: the batch dim is sharded.
         self._batch_size = -(-batch_size // mesh.size) * mesh.size
 
-        def image_fn(params, images):
-            out = nnx.merge(graphdef, params).encode_image(preprocess.normalize_images(images))
-            return {
-                "embedding": l2_normalize(out["embedding"].astype(jnp.float32)),
-                "pre_logits": out["pre_logits"].astype(jnp.float32),
-                "patch_tokens": out["patch_tokens"].astype(jnp.float32),
-            }
+        def image_fn(params, images, keys):
+            model = nnx.merge(graphdef, params)
+            out = model.encode_image(preprocess.normalize_images(images))
+            out["embedding"] = l2_normalize(out["embedding"])
+            if "patch_embeddings" in keys:
+                # Patch tokens through the image head's projection: per-patch vectors in the
+                # joint space, comparable to text embeddings (grounding, dense zero-shot).
+                out["patch_embeddings"] = l2_normalize(model.image.proj(out["patch_tokens"]))
+            return {k: out[k].astype(jnp.float32) for k in keys}
 
-        def text_fn(params, tokens):
+        def text_fn(params, tokens, keys):
+            del keys  # the text tower has one output
             out = nnx.merge(graphdef, params).encode_text(tokens)
             return {"embedding": l2_normalize(out["embedding"].astype(jnp.float32))}
 
-        # Replicated outputs: every host can read the embeddings (multi-host evaluation).
+        # Replicated outputs: every host can read the embeddings (multi-host evaluation). Only
+        # the requested keys are computed and gathered (`keys` is static).
         replicated = NamedSharding(mesh, P())
-        self._image_fn = jax.jit(image_fn, out_shardings=replicated)
-        self._text_fn = jax.jit(text_fn, out_shardings=replicated)
+        self._image_fn = jax.jit(image_fn, static_argnums=2, out_shardings=replicated)
+        self._text_fn = jax.jit(text_fn, static_argnums=2, out_shardings=replicated)
         self._in_sharding = sharding.batch_sharding(mesh)
 
     def _run(self, fn, inputs: np.ndarray, keys: Sequence[str]) -> dict[str, np.ndarray]:
@@ -78,7 +83,7 @@ class Encoder:
                     chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
                 # Every host holds the whole chunk, so device_put (not host_to_global, which
                 # expects a per-host slice) places each device's rows.
-                out = fn(self.params, jax.device_put(chunk, self._in_sharding))
+                out = fn(self.params, jax.device_put(chunk, self._in_sharding), tuple(keys))
                 for k in keys:
                     chunks[k].append(np.asarray(out[k])[: self._batch_size - pad])
         return {k: np.concatenate(v) for k, v in chunks.items()}
@@ -86,8 +91,15 @@ class Encoder:
     def embed_images(
         self, images: np.ndarray, keys: Sequence[str] = ("embedding", "pre_logits", "patch_tokens")
     ) -> dict[str, np.ndarray]:
-        """uint8 [N, H, W, 3] -> {'embedding' [N, E] L2-normalised, 'pre_logits' [N, W],
-        'patch_tokens' [N, P, W]} (float32), after resize + center crop to image_size."""
+        """uint8 [N, H, W, 3] -> float32 arrays, after resize + center crop to image_size.
+
+        keys: any of 'embedding' [N, E] (L2-normalised), 'pre_logits' [N, W] (pooled, before the
+        projection), 'patch_tokens' [N, P, W] (after the final LN), 'patch_embeddings' [N, P, E]
+        (patch tokens through the projection, L2-normalised).
+        """
+        unknown = set(keys) - set(IMAGE_KEYS)
+        if unknown:
+            raise ValueError(f"embed_images: unknown keys {sorted(unknown)}; known: {IMAGE_KEYS}")
         images = np.asarray(images)
         if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
             raise ValueError(

@@ -126,12 +126,7 @@ def run_evaluators(evals, encoder: Encoder, step: int, final: bool) -> dict[str,
     results = {}
     for _, (evaluator, every) in evals.items():
         if final or (every > 0 and step % every == 0):
-            results.update(
-                evaluator.run(
-                    lambda x: encoder.embed_images(x, keys=("embedding",))["embedding"],
-                    lambda t: encoder.embed_texts(t)["embedding"],
-                )
-            )
+            results.update(evaluator.run(encoder))
     return results
 
 
@@ -172,6 +167,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     tokenizer_path = config.tokenizer or os.path.join(builder.data_dir, "tokenizer.json")
     tokenizer = load_tokenizer(tokenizer_path)
     config = resolve_model_config(config, tokenizer)
+    with config.unlocked():
+        config.tokenizer = os.path.abspath(tokenizer_path)  # config.json names the one used
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json(indent=2))
@@ -241,43 +238,57 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         disable=jax.process_index() != 0,
         dynamic_ncols=True,
     )
-    with jax.set_mesh(mesh):
-        while step < total:
-            batch = sharding.host_to_global(next(train_iter), mesh)
-            state, metrics = train_step(state, batch)
-            step += 1
-            images_seen += config.batch_size
-            log_metrics.append(metrics)
-            bar.update(1)
-            if step % config.log_every == 0 or step == total:
-                # Fetching metrics syncs with the device: do it only at log time.
-                means = jax.tree.map(lambda *v: float(np.mean(v)), *jax.device_get(log_metrics))
-                elapsed = time.perf_counter() - t_log
-                means["train/images_per_sec"] = images_seen / max(elapsed, 1e-9)
-                means["data/skipped_examples"] = train_iter.skipped
-                writer.write(step, means)
-                bar.set_postfix(
-                    loss=f"{means['train/loss']:.4f}",
-                    img_s=f"{means['train/images_per_sec']:.0f}",
-                )
-                log_metrics, images_seen, t_log = [], 0, time.perf_counter()
-            if step % config.ckpt_every == 0 or step == total:
-                ckpt.save(step, state, train_iter.get_state())
-            if step < total and evals:
-                encoder.params = state["params"]
-                results = run_evaluators(evals, encoder, step, final=False)
-                if results:
-                    writer.write(step, results)
-                    t_log = time.perf_counter()  # evaluation time is not training throughput
-    bar.close()
+    # Order within a step: log, evaluate, then checkpoint. Everything metrics.jsonl holds up to
+    # a checkpoint's step is then complete, so a resumed run (which drops later records) logs
+    # exactly what an uninterrupted run would. The last checkpoint follows the final evaluation.
+    try:
+        with jax.set_mesh(mesh):
+            while step < total:
+                batch = sharding.host_to_global(next(train_iter), mesh)
+                state, metrics = train_step(state, batch)
+                step += 1
+                images_seen += config.batch_size
+                log_metrics.append(metrics)
+                bar.update(1)
+                if step % config.log_every == 0 or step == total:
+                    # Fetching metrics syncs with the device: do it only at log time.
+                    means = jax.tree.map(lambda *v: float(np.mean(v)), *jax.device_get(log_metrics))
+                    elapsed = time.perf_counter() - t_log
+                    means["train/images_per_sec"] = images_seen / max(elapsed, 1e-9)
+                    means["data/skipped_examples"] = train_iter.skipped
+                    writer.write(step, means)
+                    bar.set_postfix(
+                        loss=f"{means['train/loss']:.4f}",
+                        img_s=f"{means['train/images_per_sec']:.0f}",
+                    )
+                    log_metrics, images_seen, t_log = [], 0, time.perf_counter()
+                if step < total:
+                    encoder.params = state["params"]
+                    results = run_evaluators(evals, encoder, step, final=False)
+                    if results:
+                        writer.write(step, results)
+                        t_log = time.perf_counter()  # evaluation is not training throughput
+                    if step % config.ckpt_every == 0:
+                        ckpt.save(step, state, train_iter.get_state())
+            bar.close()
 
-    # ---- Final evaluation and report --------------------------------------------------------
-    encoder.params = state["params"]
-    with jax.set_mesh(mesh):
-        final = run_evaluators(evals, encoder, step, final=True)
-    writer.write(step, final)
-    ckpt.close()
-    writer.close()
+            # ---- Final evaluation and checkpoint ----------------------------------------------
+            if resume_step == total:  # a finished run started again: report, do not redo
+                final = {
+                    k: v
+                    for r in read_metrics(writer.path)
+                    if r["step"] == total
+                    for k, v in r.items()
+                    if "/" in k and not k.startswith(("train/", "data/"))
+                }
+            else:
+                encoder.params = state["params"]
+                final = run_evaluators(evals, encoder, step, final=True)
+                writer.write(step, final)
+                ckpt.save(step, state, train_iter.get_state())
+    finally:
+        ckpt.close()  # waits for pending asynchronous saves
+        writer.close()
     if jax.process_index() == 0:
         png = plot_metrics(writer.path, os.path.join(workdir, "curves.png"))
         last_train = [r for r in read_metrics(writer.path) if "train/loss" in r]

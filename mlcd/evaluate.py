@@ -1,0 +1,105 @@
+"""Standalone evaluation of an export or a training run.
+
+    python -m mlcd.evaluate --checkpoint EXPORT_DIR --evals zeroshot,retrieval --out results.json
+    python -m mlcd.evaluate --workdir RUN [--step N] --evals linear_probe,fewshot --out r.json
+
+Evaluators are the ones the trainer runs periodically (mlcd.evaluators), configured from the
+run's `config.evals` where an entry of that type exists, with defaults otherwise. The dataset is
+the one the model was trained with (from the run config or the export's data spec), unless
+--data_dir points elsewhere. Nothing is written except the --out file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import ml_collections
+
+from input_pipeline import datasets
+from input_pipeline.tokenizers import load_tokenizer
+from mlcd import evaluators, sharding
+from mlcd.encoder import Encoder
+from mlcd.export import load_encoder, read_export_meta, restore_run_params
+
+DEFAULT_EVALS = ("zeroshot", "retrieval")
+
+
+def _encoder_from_run(workdir: str, step: int | None) -> tuple[Encoder, dict[str, Any]]:
+    """Encoder over a run's checkpoint (its config.json is already resolved by the trainer)."""
+    config, graphdef, params, step = restore_run_params(workdir, step)
+    tokenizer = load_tokenizer(config.tokenizer) if config.model.get("text") else None
+    encoder = Encoder(
+        graphdef,
+        params,
+        image_size=config.pp.image_size,
+        tokenizer=tokenizer,
+        context_length=config.pp.context_length,
+        mesh=sharding.make_mesh((("data", -1),)),
+    )
+    return encoder, {"data": config.data.to_dict(), "evals": config.evals.to_dict(), "step": step}
+
+
+def evaluator_kwargs(kind: str, configured: dict[str, Any]) -> dict[str, Any]:
+    """kwargs of the first configured evaluator of type `kind` (minus type/every), else {}."""
+    for name, cfg in configured.items():
+        if cfg.get("type", name) == kind:
+            return {k: v for k, v in cfg.items() if k not in ("type", "every")}
+    return {}
+
+
+def evaluate(
+    encoder: Encoder, spec: dict[str, Any], evals: Sequence[str], data_dir: str | None = None
+) -> dict[str, float]:
+    """Runs the named evaluators on `encoder`; spec = {'data': ..., 'evals': ...} of the run."""
+    data = ml_collections.ConfigDict(spec["data"])
+    builder = datasets.get_builder(data.name, data_dir or data.data_dir, **data.build.to_dict())
+    results: dict[str, float] = {}
+    for kind in evals:
+        evaluator = evaluators.get(kind)(builder=builder, **evaluator_kwargs(kind, spec["evals"]))
+        results.update(evaluator.run(encoder))
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mlcd.evaluate", description=__doc__)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="an export directory (python -m mlcd.export)")
+    source.add_argument("--workdir", help="a training run directory")
+    parser.add_argument("--step", type=int, default=None, help="with --workdir: checkpoint step")
+    parser.add_argument("--evals", default=",".join(DEFAULT_EVALS), help="comma-separated names")
+    parser.add_argument("--data_dir", default=None, help="dataset directory (default: the run's)")
+    parser.add_argument("--out", default=None, help="JSON file for the flat metrics")
+    args = parser.parse_args(argv)
+    try:
+        if args.checkpoint:
+            encoder, spec = load_encoder(args.checkpoint), read_export_meta(args.checkpoint)
+        else:
+            encoder, spec = _encoder_from_run(args.workdir, args.step)
+        if args.out and args.workdir:
+            ckpt_dir = os.path.abspath(os.path.join(args.workdir, "checkpoints"))
+            if os.path.abspath(args.out).startswith(ckpt_dir + os.sep):
+                raise ValueError(f"--out {args.out}: evaluation never writes into {ckpt_dir}")
+        results = evaluate(encoder, spec, [e for e in args.evals.split(",") if e], args.data_dir)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 2
+    print(f"{'metric':<40} {'value':>10}")
+    print(f"{'-' * 40} {'-' * 10}")
+    for k, v in sorted(results.items()):
+        print(f"{k:<40} {v:>10.4f}")
+    if args.out:
+        tmp = args.out + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"step": spec["step"], **results}, f, indent=2)
+        os.replace(tmp, args.out)
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

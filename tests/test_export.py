@@ -1,0 +1,97 @@
+"""Export -> load_encoder -> evaluate reproduces the trainer's own evaluation exactly, from any
+step and mesh; incomplete or mismatched exports are rejected with a message naming the problem."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from conftest import tiny_overrides
+
+import mlcd
+from configs import common
+from mlcd import evaluate, export, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def run(scenes_dir, tmp_path_factory):
+    """A 4-step CLIP run on a (4, 2) mesh with checkpoints at steps 2 and 4."""
+    workdir = str(tmp_path_factory.mktemp("run") / "clip")
+    config = common.load_config(os.path.join(ROOT, "configs/clip.py:tiny"))
+    overrides = tiny_overrides(
+        scenes_dir, total_steps=4, ckpt_every=2, mesh="(('data', 4), ('model', 2))"
+    )
+    common.parse_overrides(config, overrides)
+    final = train.train_and_evaluate(config, workdir)
+    return workdir, final
+
+
+def test_export_reproduces_in_training_metrics_exactly(run, tmp_path):
+    workdir, final = run
+    out = export.export(workdir, str(tmp_path / "export"))
+    assert sorted(os.listdir(out)) == ["export.json", "params", "tokenizer.json"]
+    encoder = mlcd.load_encoder(out)  # replicated over a (8,) mesh: not the training mesh
+    spec = export.read_export_meta(out)
+    assert spec["step"] == 4
+    results = evaluate.evaluate(encoder, spec, ["zeroshot", "retrieval"])
+    assert results == {k: v for k, v in final.items() if k in results}
+    assert len(results) >= 10
+
+    # Same numbers straight from the run directory, without an export.
+    from_run, _ = evaluate._encoder_from_run(workdir, None)
+    images = np.random.default_rng(0).integers(0, 255, (5, 48, 40, 3), dtype=np.uint8)
+    a = encoder.embed_images(images, keys=("embedding", "pre_logits", "patch_embeddings"))
+    b = from_run.embed_images(images, keys=("embedding", "pre_logits", "patch_embeddings"))
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    assert a["embedding"].shape == (5, 128)
+    np.testing.assert_allclose(np.linalg.norm(a["embedding"], axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(a["patch_embeddings"], axis=-1), 1.0, rtol=1e-5)
+    t = encoder.embed_texts(["a red circle.", "the blue star is small."])["embedding"]
+    assert t.shape == (2, 128)
+
+
+def test_export_from_an_earlier_step_differs(run, tmp_path):
+    workdir, _ = run
+    early = mlcd.load_encoder(export.export(workdir, str(tmp_path / "e2"), step=2))
+    late = mlcd.load_encoder(export.export(workdir, str(tmp_path / "e4")))
+    images = np.zeros((2, 32, 32, 3), np.uint8)
+    assert not np.allclose(
+        early.embed_images(images)["embedding"], late.embed_images(images)["embedding"]
+    )
+    with pytest.raises(ValueError, match=r"--step 3: no checkpoint at that step"):
+        export.export(workdir, str(tmp_path / "e3"), step=3)
+
+
+def test_incomplete_or_mismatched_export_is_rejected(run, tmp_path):
+    workdir, _ = run
+    out = export.export(workdir, str(tmp_path / "x"))
+    with open(os.path.join(out, "export.json")) as f:
+        meta = json.load(f)
+    meta["model"]["embed_dim"] = 64
+    with open(os.path.join(out, "export.json"), "w") as f:
+        json.dump(meta, f)
+    with pytest.raises(ValueError, match=r"parameter 'image/proj/kernel' is \(128, 128\) on disk"):
+        mlcd.load_encoder(out)
+    os.remove(os.path.join(out, "export.json"))
+    with pytest.raises(FileNotFoundError, match=r"not a complete mlcd export: export.json"):
+        mlcd.load_encoder(out)
+    with pytest.raises(FileNotFoundError, match="is not a training run"):
+        export.export(str(tmp_path), str(tmp_path / "y"))
+
+
+def test_evaluate_cli_writes_only_its_output(run, tmp_path, capsys):
+    workdir, final = run
+    before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+    out = str(tmp_path / "results.json")
+    assert evaluate.main(["--workdir", workdir, "--evals", "retrieval", "--out", out]) == 0
+    with open(out) as f:
+        results = json.load(f)
+    assert results["retrieval/test/i2t_r1"] == final["retrieval/test/i2t_r1"]
+    assert "retrieval/test/t2i_r5" in capsys.readouterr().out
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
+    bad = os.path.join(workdir, "checkpoints", "r.json")
+    assert evaluate.main(["--workdir", workdir, "--evals", "retrieval", "--out", bad]) == 2
+    assert "never writes into" in capsys.readouterr().err
