@@ -56,3 +56,22 @@ def tiny_overrides(data_dir: str, **extra) -> list[str]:
         **extra,
     }
     return [f"--config.{k}={v}" for k, v in values.items()]
+
+
+def shard_map_shapes(jaxpr) -> list[tuple[int, ...]]:
+    """Shapes of every value inside shard_map bodies (recursively through scan, remat, ...)."""
+    import jax.extend.core as jcore
+
+    shapes = []
+
+    def walk(jx, inside):
+        for eqn in jx.eqns:
+            # A shard_map equation's own outputs are global views (e.g. the per-device residuals
+            # concatenated); only the per-device values inside its body count.
+            if inside:
+                shapes.extend(tuple(v.aval.shape) for v in eqn.outvars)
+            for sub in jcore.jaxprs_in_params(eqn.params):
+                walk(sub, inside or eqn.primitive.name == "shard_map")
+
+    walk(jaxpr.jaxpr, False)
+    return shapes

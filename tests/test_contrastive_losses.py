@@ -8,10 +8,10 @@ fake CPU devices for several mesh shapes, values and gradients w.r.t. every inpu
 import functools
 
 import jax
-import jax.extend.core as jcore
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import shard_map_shapes
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -181,29 +181,12 @@ def test_sharded_explicit_axes_matches_unsharded(name):
 # The sharded path really is sharded.
 
 
-def _shard_map_shapes(jaxpr):
-    """Shapes of every value inside shard_map bodies (recursively through scan, remat, ...)."""
-    shapes = []
-
-    def walk(jx, inside):
-        for eqn in jx.eqns:
-            # A shard_map equation's own outputs are global views (e.g. the per-device residuals
-            # concatenated); only the per-device values inside its body count.
-            if inside:
-                shapes.extend(tuple(v.aval.shape) for v in eqn.outvars)
-            for sub in jcore.jaxprs_in_params(eqn.params):
-                walk(sub, inside or eqn.primitive.name == "shard_map")
-
-    walk(jaxpr.jaxpr, False)
-    return shapes
-
-
 def _lowered(name, mesh):
     with jax.set_mesh(mesh):
         args = (ZIMG, ZTXT, SCALE, BIAS)
         jaxpr = jax.make_jaxpr(VALUE_AND_GRAD[name])(*args)
         hlo = VALUE_AND_GRAD[name].lower(*args).compile().as_text()
-    return _shard_map_shapes(jaxpr), hlo
+    return shard_map_shapes(jaxpr), hlo
 
 
 def test_softmax_is_sharded():

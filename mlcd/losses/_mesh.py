@@ -12,6 +12,7 @@ device, its `jax.lax.axis_index(axes)`, and its block's position in
 """
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import AbstractMesh, AxisType
 
 from mlcd.sharding import batch_spec
@@ -37,3 +38,9 @@ def shard_batch(x: jax.Array, mesh: AbstractMesh) -> jax.Array:
     if all(t == AxisType.Explicit for t in mesh.axis_types):
         return jax.reshard(x, batch_spec(mesh))
     return x
+
+
+def as_float32(x: jax.Array) -> jax.Array:
+    """x promoted to at least float32. Losses are computed in float32 (or wider): bf16 logits
+    lose the small differences that log-softmax / log-sigmoid of scaled cosines depend on."""
+    return jnp.asarray(x, jnp.promote_types(jnp.result_type(x), jnp.float32))

@@ -44,12 +44,6 @@ def _check_scalar(x, name: str) -> None:
         raise ValueError(f"{name} must be a scalar; got shape {jnp.shape(x)}.")
 
 
-def _as_float(x: jax.Array) -> jax.Array:
-    # Losses are computed in at least float32: bf16 logits lose the small differences that
-    # log-softmax / log-sigmoid of scaled cosines depend on.
-    return jnp.asarray(x, jnp.promote_types(jnp.result_type(x), jnp.float32))
-
-
 # ----------------------------------------------------------------------------------------------
 # Softmax (CLIP / ALIGN)
 
@@ -111,7 +105,11 @@ def softmax_contrastive_loss(
 @functools.partial(jax.jit, static_argnames=("label_smoothing", "reduction"))
 def _softmax_loss(zimg, ztxt, logit_scale, *, label_smoothing: float, reduction: str):
     batch = zimg.shape[0]
-    zimg, ztxt, logit_scale = _as_float(zimg), _as_float(ztxt), _as_float(logit_scale)
+    zimg, ztxt, logit_scale = (
+        _mesh.as_float32(zimg),
+        _mesh.as_float32(ztxt),
+        _mesh.as_float32(logit_scale),
+    )
 
     mesh = _mesh.batch_mesh()
     if mesh is None:
@@ -188,8 +186,8 @@ def sigmoid_contrastive_loss(
 @jax.jit
 def _sigmoid_loss(zimg, ztxt, logit_scale, logit_bias):
     batch = zimg.shape[0]
-    zimg, ztxt = _as_float(zimg), _as_float(ztxt)
-    logit_scale, logit_bias = _as_float(logit_scale), _as_float(logit_bias)
+    zimg, ztxt = _mesh.as_float32(zimg), _mesh.as_float32(ztxt)
+    logit_scale, logit_bias = _mesh.as_float32(logit_scale), _mesh.as_float32(logit_bias)
 
     mesh = _mesh.batch_mesh()
     if mesh is None:

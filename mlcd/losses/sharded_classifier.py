@@ -1,0 +1,235 @@
+"""Partial-FC-style building blocks for losses over a class-center matrix no device holds whole.
+
+Layout (DESIGN.md, "Sharding conventions"): the centers `[C, D]` are sharded along C over ALL
+mesh axes, `PartitionSpec(mesh.axis_names)` on dim 0, so device k (the row-major linear index
+over the axes, `jax.lax.axis_index(axes)`) owns the contiguous global classes
+`[k * C_local, (k + 1) * C_local)`, `C_local = C / N`. Inside `jax.shard_map` each device
+all-gathers the features, computes its `[B, C_local]` (or sampled `[B, k]`) block of scores, and
+the per-row reductions below combine the blocks with collectives. No function here ever builds
+a `[B, C]` array or the full center matrix.
+
+Every function takes `axes`: the tuple of mesh axis names to combine over when called inside
+`shard_map`, or None for a single program that holds all C classes (the unsharded reference
+path: the same code with the collectives left out and shard index 0). Row-wise results combined
+with psum / pmax come out device-invariant, as `shard_map(out_specs=P())` requires. A loss
+writes its per-device body once and runs it with `apply_sharded`, which picks the path the way
+the contrastive losses do: `jax.set_mesh` with more than one device -> shard_map, else plain.
+
+Shapes: B rows (the gathered global batch), C_local classes per shard, l ids per row with -1
+padding, k sampled columns per shard.
+"""
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from mlcd.losses import _mesh
+from mlcd.sharding import batch_spec
+
+Axes = tuple[str, ...] | None
+
+_NORM_EPS = 1e-12
+
+
+def apply_sharded(fn: Callable, split: Sequence[jax.Array], replicated: Sequence = ()):
+    """fn(*split, *replicated, axes=...) sharded on the context mesh, or unsharded without one.
+
+    split: arrays whose dim 0 is divided over all mesh axes, the global batch [B, ...] and the
+    centers [C, D] alike (their sizes must be divisible by the device count: check first, with
+    the loss's own error message). replicated: anything every device sees whole (PRNG keys,
+    scalars; None allowed). fn's outputs must be device-invariant (combined with psum / pmax):
+    they are returned as is. Under a mesh of N > 1 devices fn runs in jax.shard_map over all
+    axes with axes=mesh.axis_names; otherwise it is called once with axes=None.
+    """
+    mesh = _mesh.batch_mesh()
+    if mesh is None:
+        return fn(*split, *replicated, axes=None)
+    spec = batch_spec(mesh)
+    split = [_mesh.shard_batch(x, mesh) for x in split]
+    return jax.shard_map(
+        functools.partial(fn, axes=mesh.axis_names),
+        mesh=mesh,
+        in_specs=(spec,) * len(split) + (P(),) * len(replicated),
+        out_specs=P(),
+    )(*split, *replicated)
+
+
+def shard_index(axes: Axes) -> jax.Array | int:
+    """This device's position along C (0 without axes)."""
+    return 0 if axes is None else jax.lax.axis_index(axes)
+
+
+def inverse_norm(x: jax.Array) -> jax.Array:
+    """1 / max(||x||_2, 1e-12) over the last axis; shape x.shape[:-1].
+
+    Scaling scores by it after a matmul normalises without a normalised copy of the rows, and
+    the max keeps value and gradient finite for an all-zero row.
+    """
+    return jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1), _NORM_EPS**2))
+
+
+def cosines(feats: jax.Array, rows: jax.Array) -> jax.Array:
+    """feats [B, D] (already unit-norm) against rows [k, D] (any norm) -> cosines [B, k]."""
+    return (feats @ rows.T) * inverse_norm(rows)[None, :]
+
+
+# ----------------------------------------------------------------------------------------------
+# Class sampling (Partial FC): a static number of random local classes per shard.
+
+
+def num_sampled(num_local: int, ratio: float) -> int:
+    """k = ceil(ratio * num_local) classes kept per shard, at least 1.
+
+    Rounded to 9 decimals first so that e.g. 0.3 * 20 gives 6, not 7 from float error.
+    """
+    return min(num_local, max(1, math.ceil(round(ratio * num_local, 9))))
+
+
+def sample_columns(rng: jax.Array, num_local: int, ratio: float, shard) -> jax.Array:
+    """Sorted local indices [k] of the classes a shard samples, k = num_sampled(...).
+
+    A uniformly random k-subset of range(num_local), without replacement, that depends only on
+    (rng, shard): the key is fold_in(rng, shard). A reference that knows the number of shards
+    reproduces the sampled set of any device (see `sampled_classes`). Sorting keeps the gather
+    of center rows in memory order.
+    """
+    k = num_sampled(num_local, ratio)
+    perm = jax.random.permutation(jax.random.fold_in(rng, shard), num_local)
+    return jnp.sort(perm[:k]).astype(jnp.int32)
+
+
+def sampled_classes(rng: jax.Array, num_classes: int, num_shards: int, ratio: float) -> jax.Array:
+    """Global class ids int32 [num_shards * k] sampled by all shards for `rng` (a reference).
+
+    Equals the concatenation over shards s of `sample_columns(rng, C / num_shards, ratio, s)`
+    offset by s * C / num_shards, i.e. what the sharded path samples on a mesh of num_shards
+    devices (num_shards=1 for the unsharded path).
+    """
+    if num_classes % num_shards:
+        raise ValueError(f"num_classes={num_classes} is not divisible by {num_shards} shards")
+    num_local = num_classes // num_shards
+    return jnp.concatenate(
+        [sample_columns(rng, num_local, ratio, s) + s * num_local for s in range(num_shards)]
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Looking up given class ids: only the owning shard contributes, a psum combines.
+
+
+def local_ids(ids: jax.Array, num_local: int, axes: Axes) -> tuple[jax.Array, jax.Array]:
+    """Maps global class ids (any shape, -1 = padding) to this shard's rows.
+
+    Returns (local, owned): local int32 indices clipped into [0, num_local) (safe to gather
+    with) and owned bool, True where the id is a class of this shard. Padding and ids outside
+    [0, C) are owned by no shard.
+    """
+    local = ids - shard_index(axes) * num_local
+    owned = (ids >= 0) & (local >= 0) & (local < num_local)
+    return jnp.clip(local, 0, num_local - 1).astype(jnp.int32), owned
+
+
+def gather_cosines(feats: jax.Array, centers: jax.Array, ids: jax.Array, axes: Axes) -> jax.Array:
+    """cos(feats_i, center_{ids_ij}) [B, l]; 0 where ids_ij is padding.
+
+    feats [B, D] unit-norm (all rows), centers [C_local, D] this shard's rows (normalised here),
+    ids int [B, l] global class ids. Each shard gathers the [B, l, D] rows it owns (zeros
+    elsewhere), so every requested class is scored whether or not it is in any sampled set; the
+    psum adds the single nonzero contribution. Its gradient reaches only the owner's rows.
+    """
+    local, owned = local_ids(ids, centers.shape[0], axes)
+    rows = centers[local]  # [B, l, D]
+    cos = jnp.einsum("bd,bld->bl", feats, rows) * inverse_norm(rows)
+    cos = jnp.where(owned, cos, 0.0)
+    return cos if axes is None else jax.lax.psum(cos, axes)
+
+
+def gather_columns(block: jax.Array, ids: jax.Array, axes: Axes) -> jax.Array:
+    """block[i, ids_ij] [B, l] of a [B, C] matrix held as [B, C_local] blocks; 0 at padding."""
+    local, owned = local_ids(ids, block.shape[1], axes)
+    vals = jnp.where(owned, jnp.take_along_axis(block, local, axis=1), 0.0)
+    return vals if axes is None else jax.lax.psum(vals, axes)
+
+
+def id_mask(ids: jax.Array, num_local: int, axes: Axes, columns: jax.Array | None = None):
+    """bool [B, k]: True where column j of this shard's block is one of row i's ids.
+
+    ids int [B, l] global class ids (-1 padding); columns int [k] local class indices of the
+    block's columns (sorted or not), or None for all num_local classes (k = num_local).
+    Built by scattering the B * l ids into the block rather than comparing [B, k, l].
+    """
+    local, hit = local_ids(ids, num_local, axes)
+    if columns is not None:
+        k = columns.shape[0]
+        position = jnp.full((num_local,), k, jnp.int32).at[columns].set(jnp.arange(k))
+        local = position[local]  # column of each id in the block, k if not sampled
+        hit = hit & (local < k)
+    else:
+        k = num_local
+    rows = jnp.broadcast_to(jnp.arange(ids.shape[0])[:, None], ids.shape)
+    mask = jnp.zeros((ids.shape[0], k), bool)
+    return mask.at[rows, jnp.where(hit, local, k)].set(True, mode="drop")
+
+
+# ----------------------------------------------------------------------------------------------
+# Row reductions over all shards' columns.
+
+
+def logsumexp(logits: jax.Array, mask: jax.Array, axes: Axes) -> jax.Array:
+    """log sum_{j: mask_ij} exp(logits_ij) over every shard's columns; float [B].
+
+    logits, mask [B, k] (this shard's block). Stable: M = pmax of the local row maxima,
+    lse = M + log psum_k sum_j exp(logits - M). A row with no masked-in column anywhere gives
+    -inf with a zero (not NaN) gradient, so softplus(lse) = 0 for it. M is a constant for
+    autodiff (lse does not depend on it), so no pmax is differentiated.
+    """
+    masked = jnp.where(mask, logits, -jnp.inf)
+    m = jax.lax.stop_gradient(jnp.max(masked, axis=1))
+    if axes is not None:
+        m = jax.lax.pmax(m, axes)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    # exp of the masked array, not where(mask, exp(logits - m), 0): a masked-out logit above m
+    # would overflow to inf and turn the discarded branch's gradient into NaN.
+    s = jnp.sum(jnp.exp(masked - m[:, None]), axis=1)
+    if axes is not None:
+        s = jax.lax.psum(s, axes)
+    return jnp.where(s > 0, m + jnp.log(jnp.where(s > 0, s, 1.0)), -jnp.inf)
+
+
+def top_k(scores: jax.Array, k: int, axes: Axes) -> tuple[jax.Array, jax.Array]:
+    """Per-row top k over every shard's columns: (values [B, k], global ids int32 [B, k]).
+
+    scores [B, C_local] (k <= C_local). Each shard keeps its local top k; the N * k candidates
+    are all-gathered (in shard order, so ties resolve to the lower global id like lax.top_k)
+    and reduced by a second top k. Communication O(B * N * k), never O(B * C).
+    """
+    num_local = scores.shape[1]
+    if k > num_local:
+        raise ValueError(f"top_k: k={k} exceeds the {num_local} classes of a shard")
+    values, idx = jax.lax.top_k(scores, k)
+    ids = (idx + shard_index(axes) * num_local).astype(jnp.int32)
+    if axes is None:
+        return values, ids
+    values = jax.lax.all_gather(values, axes, axis=1, tiled=True, to="invarying")
+    ids = jax.lax.all_gather(ids, axes, axis=1, tiled=True, to="invarying")
+    values, pos = jax.lax.top_k(values, k)
+    return values, jnp.take_along_axis(ids, pos, axis=1)
+
+
+def softmax_cross_entropy(logits: jax.Array, ids: jax.Array, axes: Axes) -> jax.Array:
+    """Full-softmax CE [B] with a uniform soft target over each row's valid ids.
+
+    logits [B, C_local] this shard's block of the [B, C] logits; ids int [B, l] global ids,
+    -1 padding. CE_i = lse_i - (1 / n_i) sum_{j valid} logits[i, ids_ij], n_i = number of
+    valid entries (a repeated id counts as often as it appears). Rows without a valid id give
+    0 (no target, no gradient). The target logits come from their owner via gather_columns.
+    """
+    valid = ids >= 0
+    lse = logsumexp(logits, jnp.ones(logits.shape, bool), axes)
+    target = jnp.sum(gather_columns(logits, ids, axes), axis=1)
+    n = jnp.sum(valid, axis=1)
+    return jnp.where(n > 0, lse - target / jnp.maximum(n, 1), 0.0)
