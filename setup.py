@@ -31,7 +31,7 @@ setup(
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest>=8,<10", "ruff>=0.6"],
+        "test": ["pytest>=8,<10", "ruff>=0.6", "faiss-cpu>=1.9,<2"],
         "faiss": ["faiss-cpu>=1.9,<2"],
         "bench": ["faiss-cpu>=1.9,<2"],
     },

@@ -1,0 +1,238 @@
+"""Nearest centers by inner product: blocked per-device kernels and the public `assign_topk`.
+
+Scores are plain dot products s_ic = x_i . c_c (cosines when rows of x and the centers are
+L2-normalised; nothing is normalised here). Ties go to the lower center id everywhere, in the
+sharded and the unsharded path alike, so both return identical ids.
+
+Sharded (under `jax.set_mesh` with more than one device; Partial-FC layout, DESIGN.md): the
+centers [K, D] are split along K over all n devices (K / n rows each) and the rows of x over all
+devices. Each device all-gathers the rows, scores them against its own centers one tile at a
+time ([block, center_tile] scores, never [N, K / n]), keeps its local top-k' (k' = min(k, K / n),
+so that k > K / n still sees every center), and an all_to_all sends each row's n * k' candidates
+to the device that owns the row, which takes the global top-k. No device holds the full center
+matrix.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mlcd.clustering import _data
+from mlcd.losses import _mesh
+from mlcd.sharding import batch_spec
+
+
+def first_argmax(s: jax.Array, axis: int = -1) -> tuple[jax.Array, jax.Array]:
+    """(index int32, value) of the maximum along `axis`; ties go to the lowest index.
+
+    Same result as jnp.argmax, computed as a max followed by a min over the matching indices:
+    two plain reductions that XLA's CPU backend vectorises, where argmax's variadic
+    (value, index) reduction is not. On a score tile still in cache this made the whole k-means
+    assignment ~20% faster (bench/kmeans.py, case 1).
+    """
+    m = jnp.max(s, axis=axis, keepdims=True)
+    iota = jax.lax.broadcasted_iota(jnp.int32, s.shape, axis % s.ndim)
+    idx = jnp.min(jnp.where(s == m, iota, s.shape[axis]), axis=axis)
+    return idx, jnp.squeeze(m, axis)
+
+
+def _blocks(x: jax.Array, plan: _data.Plan) -> jax.Array:
+    """[padded, D] -> [num_blocks, block, D]."""
+    return x.reshape(plan.num_blocks, plan.block, x.shape[-1])
+
+
+def _tiles(centers: jax.Array, bias: jax.Array | None, tile: int):
+    """Centers as [num_tiles, tile, D] (+ bias [num_tiles, tile] or None), zero-padded.
+
+    Padded centers get bias -inf, so they never win and never enter a top-k.
+    """
+    k = centers.shape[0]
+    num_tiles = -(-k // tile)
+    pad = num_tiles * tile - k
+    if pad:
+        centers = jnp.pad(centers, ((0, pad), (0, 0)))
+        bias = jnp.zeros((k,), centers.dtype) if bias is None else bias
+        bias = jnp.pad(bias, (0, pad), constant_values=-jnp.inf)
+    tiles = centers.reshape(num_tiles, tile, centers.shape[1])
+    return tiles, None if bias is None else bias.reshape(num_tiles, tile)
+
+
+def _scores(xb: jax.Array, centers: jax.Array, bias: jax.Array | None) -> jax.Array:
+    """xb [R, D] @ centers [T, D].T (+ bias [T]) -> [R, T]."""
+    s = xb @ centers.T
+    return s if bias is None else s + bias
+
+
+def block_top1(
+    x: jax.Array, centers: jax.Array, bias: jax.Array | None, plan: _data.Plan
+) -> tuple[jax.Array, jax.Array]:
+    """Best center of every row, one [block, tile] score tile at a time.
+
+    Args:
+      x: float32 [plan.padded, D].
+      centers: float32 [K, D] (a device's local block when sharded).
+      bias: float32 [K] added to every row's scores, or None. With bias = -|c|^2 / 2 the
+        argmax of x.c + bias is the argmin of |x - c|^2 (|x|^2 is the same for every c).
+      plan: the tiling of x's rows and of the centers.
+
+    Returns:
+      (best float32 [padded], index int32 [padded] into `centers`); ties: lowest index.
+    """
+    tile = min(centers.shape[0], plan.center_tile)
+    c, b = _tiles(centers, bias, tile)
+    offsets = jnp.arange(1, c.shape[0], dtype=jnp.int32) * tile
+
+    def one_block(xb):
+        # The first tile seeds the running best; later tiles replace it only when strictly
+        # better, which keeps the lowest index on ties (tiles come in increasing id order).
+        idx, best = first_argmax(_scores(xb, c[0], None if b is None else b[0]))
+
+        def step(carry, tile_in):
+            best, idx = carry
+            ct, bt, offset = tile_in
+            t_idx, t_best = first_argmax(_scores(xb, ct, bt))
+            better = t_best > best
+            return (jnp.where(better, t_best, best), jnp.where(better, t_idx + offset, idx)), None
+
+        if c.shape[0] > 1:
+            (best, idx), _ = jax.lax.scan(
+                step, (best, idx), (c[1:], None if b is None else b[1:], offsets)
+            )
+        return best, idx
+
+    best, idx = jax.lax.map(one_block, _blocks(x, plan))
+    return best.reshape(-1), idx.reshape(-1)
+
+
+def block_topk(
+    x: jax.Array, centers: jax.Array, k: int, plan: _data.Plan
+) -> tuple[jax.Array, jax.Array]:
+    """Top-k scores x @ centers.T of every row, sorted descending, one tile at a time.
+
+    x float32 [plan.padded, D], centers float32 [K, D], k <= K. Returns (scores float32
+    [padded, k], index int32 [padded, k] into `centers`); equal scores in increasing index
+    order (lax.top_k keeps the lower position first; the running top-k precedes each new tile).
+    """
+    tile = min(centers.shape[0], max(plan.center_tile, k))
+    c, b = _tiles(centers, None, tile)
+    offsets = jnp.arange(1, c.shape[0], dtype=jnp.int32) * tile
+
+    def one_block(xb):
+        vals, idx = jax.lax.top_k(_scores(xb, c[0], None if b is None else b[0]), k)
+
+        def step(carry, tile_in):
+            ct, bt, offset = tile_in
+            t_vals, t_idx = jax.lax.top_k(_scores(xb, ct, bt), k)
+            vals = jnp.concatenate([carry[0], t_vals], axis=1)
+            idx = jnp.concatenate([carry[1], t_idx + offset], axis=1)
+            vals, pos = jax.lax.top_k(vals, k)
+            return (vals, jnp.take_along_axis(idx, pos, axis=1)), None
+
+        if c.shape[0] > 1:
+            (vals, idx), _ = jax.lax.scan(
+                step, (vals, idx), (c[1:], None if b is None else b[1:], offsets)
+            )
+        return vals, idx
+
+    vals, idx = jax.lax.map(one_block, _blocks(x, plan))
+    return vals.reshape(-1, k), idx.reshape(-1, k).astype(jnp.int32)
+
+
+def _assign_shard(x, centers, *, k: int, plan: _data.Plan, axes: tuple[str, ...]):
+    """Per-device body of the sharded assignment: this device's rows' global top-k.
+
+    x [padded / n, D] (this device's rows), centers [K / n, D] (this device's centers).
+    """
+    n = jax.lax.axis_size(axes)
+    k_local = centers.shape[0]
+    x = jax.lax.all_gather(x, axes, tiled=True)  # [padded, D]: every row meets every shard
+    kk = min(k, k_local)
+    vals, idx = block_topk(x, centers, kk, plan)
+    idx = idx + jax.lax.axis_index(axes) * k_local  # global center ids
+    # Send row block r's candidates to device r: afterwards dim 0 is the source shard, in
+    # shard order, so equal scores stay in increasing global id order for the final top_k.
+    vals = jax.lax.all_to_all(vals.reshape(n, -1, kk), axes, 0, 0)
+    idx = jax.lax.all_to_all(idx.reshape(n, -1, kk), axes, 0, 0)
+    rows = vals.shape[1]
+    vals = vals.transpose(1, 0, 2).reshape(rows, n * kk)
+    idx = idx.transpose(1, 0, 2).reshape(rows, n * kk)
+    top, pos = jax.lax.top_k(vals, k)
+    return jnp.take_along_axis(idx, pos, axis=1), top
+
+
+@functools.partial(jax.jit, static_argnames=("k", "plan"))
+def _assign(
+    x: jax.Array, centers: jax.Array, *, k: int, plan: _data.Plan
+) -> tuple[jax.Array, jax.Array]:
+    """(ids int32 [N, k], scores float32 [N, k]) of x [N, D] against centers [K, D]."""
+    rows = x.shape[0]
+    x = jnp.pad(x.astype(jnp.float32), ((0, plan.padded - rows), (0, 0)))
+    centers = centers.astype(jnp.float32)
+    mesh = _mesh.batch_mesh()
+    if mesh is None:
+        vals, idx = block_topk(x, centers, k, plan)
+        return idx[:rows], vals[:rows]
+    spec = batch_spec(mesh)
+    x, centers = _mesh.shard_batch(x, mesh), _mesh.shard_batch(centers, mesh)
+    body = functools.partial(_assign_shard, k=k, plan=plan, axes=mesh.axis_names)
+    idx, vals = jax.shard_map(body, mesh=mesh, in_specs=(spec, spec), out_specs=(spec, spec))(
+        x, centers
+    )
+    return idx[:rows], vals[:rows]
+
+
+def assign_topk(x: Any, centers: Any, k: int, *, chunk_size: int | None = None) -> tuple[Any, Any]:
+    """The k nearest centers of every row of x by inner product (cosine for unit vectors).
+
+    Args:
+      x: [N, D] data: a jax.Array, a NumPy array or a NumPy memmap (any float dtype; computed in
+        float32). Not normalised here.
+      centers: [K, D] centers (e.g. from `kmeans`), not normalised here. Under `jax.set_mesh`
+        with n > 1 devices K must be divisible by n; they are sharded along K.
+      k: neighbours per row, 1 <= k <= K.
+      chunk_size: None scores all of x in one jitted call (usable inside jit; returns
+        jax.Arrays). An int streams x from the host in chunks of that many rows, each chunk put
+        on the devices in turn, so N is not bounded by device memory; returns NumPy arrays.
+
+    Returns:
+      (ids int32 [N, k], similarities float32 [N, k]), each row sorted by descending
+      similarity; equal similarities in increasing id order.
+    """
+    rows, dim = _data.check_data(x, "x")
+    num_centers, cdim = _data.check_data(centers, "centers")
+    if cdim != dim:
+        raise ValueError(f"x has D={dim} columns but centers have D={cdim}.")
+    if not 1 <= k <= num_centers:
+        raise ValueError(f"k={k} must be in [1, K] with K={num_centers} centers.")
+    _data.check_centers_divisible(num_centers, "the number of centers K")
+    shards = _data.num_shards()
+    if chunk_size is None:
+        return _assign(jnp.asarray(x), centers, k=k, plan=_data.plan_rows(rows, shards))
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of rows; got {chunk_size}.")
+
+    chunk_rows = min(chunk_size, rows)
+    plan = _data.plan_rows(chunk_rows, shards)
+    sharding = _data.row_sharding()
+    centers = jax.device_put(jnp.asarray(centers, jnp.float32), sharding)
+    ids = np.empty((rows, k), np.int32)
+    sims = np.empty((rows, k), np.float32)
+    pending = None  # copy chunk i's result to the host while chunk i + 1 is being scored
+    for start, chunk in _data.iter_chunks(x, chunk_rows):
+        out = _assign(_data.to_device(chunk, plan.padded, sharding), centers, k=k, plan=plan)
+        if pending is not None:
+            _store(pending, ids, sims)
+        pending = (start, len(chunk), out)
+    _store(pending, ids, sims)
+    return ids, sims
+
+
+def _store(pending, ids: np.ndarray, sims: np.ndarray) -> None:
+    start, n, (chunk_ids, chunk_sims) = pending
+    ids[start : start + n] = np.asarray(chunk_ids[:n])
+    sims[start : start + n] = np.asarray(chunk_sims[:n])

@@ -1,0 +1,331 @@
+"""mlcd.clustering: top-k assignment and k-means against NumPy references, sharded and not.
+
+Shapes are tiny and shared across tests so that each kernel compiles a handful of times.
+Sharded runs use the 8 fake CPU devices (conftest.py) on meshes (8, 1), (4, 2), (2, 4).
+"""
+
+import importlib
+import re
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from mlcd import clustering
+from mlcd.clustering import _data
+from mlcd.sharding import make_mesh
+
+# The package's `kmeans` attribute is the function; the module holds the kernels.
+kmeans_mod = importlib.import_module("mlcd.clustering.kmeans")
+
+MESHES = [(8, 1), (4, 2), (2, 4)]
+N, D, K = 300, 8, 16
+
+
+def mesh_of(shape):
+    return make_mesh([("data", shape[0]), ("model", shape[1])])
+
+
+def on_mesh(shape, fn, *args, **kwargs):
+    """fn(*args, **kwargs) under jax.set_mesh (shape None: no mesh), outputs as NumPy."""
+    if shape is None:
+        out = fn(*args, **kwargs)
+    else:
+        with jax.set_mesh(mesh_of(shape)):
+            out = fn(*args, **kwargs)
+    return jax.tree.map(np.asarray, out)
+
+
+def unit_rows(a):
+    return a / np.linalg.norm(a, axis=1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def data():
+    """float32 [N, D] standard normal rows (not normalised)."""
+    return np.random.default_rng(0).standard_normal((N, D)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def int_data():
+    """Small-integer rows and centers: exact float32 dot products with many ties."""
+    rng = np.random.default_rng(1)
+    x = rng.integers(-2, 3, (37, D)).astype(np.float32)
+    c = rng.integers(-1, 2, (K, D)).astype(np.float32)
+    c[5] = c[2]  # identical centers on different shards: every row ties on them
+    return x, c
+
+
+def brute_topk(x, c, k):
+    """Reference: stable argsort of -(x @ c.T) in float64 (ties: lower id first)."""
+    s = x.astype(np.float64) @ c.astype(np.float64).T
+    ids = np.argsort(-s, axis=1, kind="stable")[:, :k]
+    return ids, np.take_along_axis(s, ids, axis=1)
+
+
+def numpy_lloyd(x, centers, iterations, spherical):
+    """Reference Lloyd iterations (no empty clusters expected); returns centers, objectives."""
+    x = x.astype(np.float64)
+    c = centers.astype(np.float64)
+    if spherical:
+        x = unit_rows(x)
+    objectives = []
+    for _ in range(iterations):
+        if spherical:
+            s = x @ c.T
+        else:
+            s = -((x[:, None, :] - c[None]) ** 2).sum(-1)
+        a = np.argmax(s, axis=1)
+        best = s[np.arange(len(x)), a]
+        objectives.append(best.mean() if spherical else -best.mean())
+        sums = np.zeros_like(c)
+        np.add.at(sums, a, x)
+        counts = np.bincount(a, minlength=len(c))
+        assert counts.min() > 0, "the reference assumes no empty cluster"
+        c = unit_rows(sums) if spherical else sums / counts[:, None]
+    return c, np.array(objectives)
+
+
+# ----------------------------------------------------------------------------------------------
+# assign_topk
+
+
+@pytest.mark.parametrize("mesh", [None, *MESHES])
+@pytest.mark.parametrize("k", [1, 3, K])
+def test_assign_topk_matches_brute_force_with_ties(int_data, mesh, k):
+    # k = 3 > K / 8 = 2: each shard must contribute all of its centers as candidates.
+    x, c = int_data
+    ids, sims = on_mesh(mesh, clustering.assign_topk, x, c, k)
+    ref_ids, ref_sims = brute_topk(x, c, k)
+    assert ids.dtype == np.int32 and sims.dtype == np.float32
+    assert ids.shape == sims.shape == (len(x), k)
+    np.testing.assert_array_equal(ids, ref_ids)
+    np.testing.assert_array_equal(sims, ref_sims)
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Tiles of 64 rows x 5 centers: several row blocks, several center tiles, and a last
+    center tile padded (16 = 5 + 5 + 5 + 1; 8 per device = 5 + 3)."""
+    monkeypatch.setattr(_data, "BLOCK_ROWS", 64)
+    monkeypatch.setattr(_data, "CENTER_TILE", 5)
+
+
+@pytest.mark.parametrize("mesh", [None, (4, 2)])
+@pytest.mark.parametrize("k", [1, 3, 7])
+def test_assign_topk_tiled_matches_brute_force(int_data, small_tiles, mesh, k):
+    x, c = int_data
+    x = np.concatenate([x] * 4)  # 148 rows: 3 row blocks
+    ids, sims = on_mesh(mesh, clustering.assign_topk, x, c, k)
+    ref_ids, ref_sims = brute_topk(x, c, k)
+    np.testing.assert_array_equal(ids, ref_ids)
+    np.testing.assert_array_equal(sims, ref_sims)
+
+
+@pytest.mark.parametrize("mesh", [None, (4, 2)])
+def test_assign_topk_cosine_streamed_from_memmap_and_inside_jit(data, tmp_path, mesh):
+    x = unit_rows(data)
+    c = unit_rows(data[:K] + 0.5)
+    path = tmp_path / "x.npy"
+    np.save(path, x)
+    ref_ids, ref_sims = brute_topk(x, c, 4)
+    ids, sims = on_mesh(
+        mesh, clustering.assign_topk, np.load(path, mmap_mode="r"), c, 4, chunk_size=70
+    )
+    np.testing.assert_array_equal(ids, ref_ids)
+    np.testing.assert_allclose(sims, ref_sims, atol=1e-6)
+    assert np.all(sims <= 1 + 1e-6)
+    jitted = jax.jit(lambda a, b: clustering.assign_topk(a, b, 4))
+    ids, sims = on_mesh(mesh, jitted, x, c)
+    np.testing.assert_array_equal(ids, ref_ids)
+    np.testing.assert_allclose(sims, ref_sims, atol=1e-6)
+
+
+def test_assign_topk_errors(int_data):
+    x, c = int_data
+    with pytest.raises(ValueError, match=r"k=17 must be in \[1, K\] with K=16"):
+        clustering.assign_topk(x, c, K + 1)
+    with pytest.raises(ValueError, match=r"x must be a 2-D array \[N, D\]; got shape \(37,\)"):
+        clustering.assign_topk(x[:, 0], c, 1)
+    with pytest.raises(ValueError, match="x has D=8 columns but centers have D=7"):
+        clustering.assign_topk(x, c[:, :7], 1)
+    with jax.set_mesh(mesh_of((8, 1))), pytest.raises(ValueError, match="divisible by the 8"):
+        clustering.assign_topk(x, c[:12], 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# kmeans: references, sharding, streaming
+
+
+@pytest.fixture(scope="module")
+def reference_run(data):
+    """Unsharded spherical run with return_info (shared by several tests)."""
+    return clustering.kmeans(data, K, iterations=6, seed=3, return_info=True)
+
+
+@pytest.mark.parametrize("spherical", [True, False])
+def test_kmeans_matches_numpy_lloyd(data, spherical):
+    init = data[::19][:K]
+    res = clustering.kmeans(data, K, iterations=4, init=init, spherical=spherical, return_info=True)
+    ref_centers, ref_obj = numpy_lloyd(data, unit_rows(init) if spherical else init, 4, spherical)
+    np.testing.assert_allclose(np.asarray(res.centers), ref_centers, atol=1e-5)
+    np.testing.assert_allclose(res.objective, ref_obj, rtol=1e-5)
+    np.testing.assert_allclose(res.faiss_objective, ref_obj * N, rtol=1e-5)
+    assert res.seconds.shape == res.num_reseeded.shape == (4,)
+    if spherical:
+        np.testing.assert_allclose(np.linalg.norm(res.centers, axis=1), 1.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+def test_kmeans_sharded_equals_unsharded(data, reference_run, mesh):
+    res = on_mesh(mesh, clustering.kmeans, data, K, iterations=6, seed=3, return_info=True)
+    np.testing.assert_allclose(res.centers, reference_run.centers, atol=1e-5)
+    np.testing.assert_allclose(res.objective, reference_run.objective, rtol=1e-6)
+
+
+@pytest.mark.parametrize("mesh", [None, (2, 4)])
+@pytest.mark.parametrize("spherical", [True, False])
+def test_kmeans_tiled_matches_numpy_lloyd(data, small_tiles, mesh, spherical):
+    init = data[::19][:K]
+    res = on_mesh(mesh, clustering.kmeans, data, K, iterations=3, init=init, spherical=spherical)
+    ref, _ = numpy_lloyd(data, unit_rows(init) if spherical else init, 3, spherical)
+    np.testing.assert_allclose(res, ref, atol=1e-5)
+
+
+def test_kmeans_euclidean_sharded_equals_unsharded(data):
+    ref = clustering.kmeans(data, K, iterations=4, seed=2, spherical=False)
+    res = on_mesh((2, 4), clustering.kmeans, data, K, iterations=4, seed=2, spherical=False)
+    np.testing.assert_allclose(res, ref, atol=1e-5)
+
+
+def test_spherical_objective_never_decreases(reference_run):
+    obj = reference_run.objective
+    assert np.all(np.diff(obj) >= -1e-6), obj
+    assert obj[-1] > obj[0]
+
+
+@pytest.mark.parametrize("mesh", [None, (8, 1)])
+def test_kmeans_streamed_from_memmap_equals_resident(data, reference_run, tmp_path, mesh):
+    path = tmp_path / "x.npy"
+    np.save(path, data)
+    x = np.load(path, mmap_mode="r")
+    res = on_mesh(
+        mesh, clustering.kmeans, x, K, iterations=6, seed=3, chunk_size=70, return_info=True
+    )
+    np.testing.assert_allclose(res.centers, reference_run.centers, atol=1e-5)
+    np.testing.assert_allclose(res.objective, reference_run.objective, rtol=1e-6)
+
+
+def test_kmeans_recovers_separated_blobs():
+    rng = np.random.default_rng(5)
+    blob_centers = unit_rows(np.concatenate([np.eye(D), -np.eye(D)]))  # 16 unit vectors
+    labels = rng.integers(0, K, 800)
+    x = unit_rows(blob_centers[labels] + 0.05 * rng.standard_normal((800, D)))
+    centers = np.asarray(clustering.kmeans(x, K, iterations=10, init="kmeans++", seed=0))
+    # Each recovered center is within a small angle of a distinct blob center.
+    cos = centers @ blob_centers.T
+    assert sorted(np.argmax(cos, axis=1).tolist()) == list(range(K))
+    assert cos.max(axis=1).min() > 0.99
+
+
+def test_kmeans_plus_plus_init_picks_distinct_data_rows(data):
+    centers = np.asarray(clustering.kmeans(data, K, iterations=0, init="kmeans++", seed=4))
+    rows = unit_rows(data)
+    match = np.abs(centers[:, None, :] - rows[None]).max(-1) < 1e-6
+    assert np.all(match.sum(1) == 1)  # every center is one data row ...
+    assert len(set(np.argmax(match, 1).tolist())) == K  # ... and all are different rows
+    again = clustering.kmeans(data, K, iterations=0, init="kmeans++", seed=4)
+    np.testing.assert_array_equal(centers, np.asarray(again))
+
+
+@pytest.mark.parametrize("mesh", [None, (8, 1)])
+def test_empty_clusters_are_reseeded(data, mesh):
+    # Centers 1, 6 and 11 duplicate center 0 (ties go to id 0): after the first assignment
+    # they are empty, on three different shards of the (8, 1) mesh (2 centers per shard).
+    init = unit_rows(data[::19][:K].copy())
+    init[[1, 6, 11]] = init[0]
+    res = on_mesh(mesh, clustering.kmeans, data, K, iterations=3, init=init, return_info=True)
+    assert res.num_reseeded.tolist()[0] == 3
+    assert len(np.unique(np.round(res.centers, 5), axis=0)) == K
+    if mesh is not None:
+        ref = clustering.kmeans(data, K, iterations=3, init=init, return_info=True)
+        np.testing.assert_allclose(res.centers, ref.centers, atol=1e-5)
+    # One iteration: the three re-seeded centers are distinct (normalised) data rows.
+    one = np.asarray(clustering.kmeans(data, K, iterations=1, init=init))
+    rows = unit_rows(data)
+    for c in one[[1, 6, 11]]:
+        assert np.abs(rows - c).max(1).min() < 1e-6
+
+
+def test_no_device_holds_the_full_center_matrix(data):
+    # K = 64 centers of D = 5 on 8 devices: 8 rows each. The compiled per-device programs of
+    # the iteration must contain the [8, 5] local block, never [64, 5], nor a [304, 64] score
+    # block ([304, 8] per device; 300 rows padded to 304).
+    x = data[:, :5]
+    with jax.set_mesh(mesh_of((8, 1))):
+        res = clustering.kmeans(x, 64, iterations=1, return_info=True)
+        centers = res.centers
+        assert centers.sharding.shard_shape(centers.shape) == (8, 5)
+        assert {s.data.shape for s in centers.addressable_shards} == {(8, 5)}
+        chunks = kmeans_mod._Chunks(x, None, True, centers.sharding)
+        chunk, num_valid = next(iter(chunks))
+        sums, counts = np.zeros((64, 5), np.float32), np.zeros(64, np.int32)
+        sums, counts = (jax.device_put(a, centers.sharding) for a in (sums, counts))
+        args = (chunk, num_valid, centers, sums, counts)
+        hlo = (
+            kmeans_mod._accumulate.lower(*args, plan=chunks.plan, spherical=True)
+            .compile()
+            .as_text()
+        )
+        update_hlo = kmeans_mod._update.lower(centers, sums, counts, None, spherical=True)
+        update_hlo = update_hlo.compile().as_text()
+    shapes = set(re.findall(r"f32\[[0-9,]+\]", hlo + update_hlo))
+    assert "f32[8,5]" in shapes and "f32[304,8]" in shapes, shapes
+    assert "f32[64,5]" not in shapes and "f32[304,64]" not in shapes, shapes
+
+
+def test_verbose_progress_bar(data, capsys):
+    clustering.kmeans(data, K, iterations=2, seed=3, verbose=True)
+    err = capsys.readouterr().err
+    assert "k-means" in err and "objective=" in err
+
+
+def test_kmeans_errors(data):
+    with pytest.raises(ValueError, match=r"num_centers=301 must be an int in \[1, N\] with N=300"):
+        clustering.kmeans(data, N + 1)
+    with pytest.raises(ValueError, match=r"x must be a 2-D array \[N, D\]; got shape \(300,\)"):
+        clustering.kmeans(data[:, 0], 4)
+    with jax.set_mesh(mesh_of((4, 2))), pytest.raises(ValueError, match="num_centers=12 must be"):
+        clustering.kmeans(data, 12)
+    with pytest.raises(ValueError, match="init must be one of"):
+        clustering.kmeans(data, K, init="kmeans||")
+    with pytest.raises(ValueError, match=r"init centers must have shape \[num_centers, D\]"):
+        clustering.kmeans(data, K, init=data[:3])
+    with pytest.raises(ValueError, match="backend must be one of"):
+        clustering.kmeans(data, K, backend="sklearn")
+    with pytest.raises(ValueError, match="chunk_size must be a positive"):
+        clustering.kmeans(data, K, chunk_size=0)
+    with pytest.raises(ValueError, match="leave chunk_size=None"):
+        clustering.kmeans(data, K, backend="faiss", chunk_size=10)
+
+
+# ----------------------------------------------------------------------------------------------
+# faiss backend
+
+
+def test_faiss_missing_gives_install_hint(data, monkeypatch):
+    monkeypatch.setitem(sys.modules, "faiss", None)  # makes `import faiss` raise ImportError
+    with pytest.raises(ImportError, match=r"pip install -e \.\[faiss\]"):
+        clustering.kmeans(data, K, backend="faiss")
+
+
+@pytest.mark.parametrize("spherical", [True, False])
+def test_faiss_backend_reaches_our_objective(data, spherical):
+    pytest.importorskip("faiss")
+    kw = dict(iterations=6, seed=3, spherical=spherical, return_info=True)
+    ours = clustering.kmeans(data, K, **kw)
+    theirs = clustering.kmeans(data, K, backend="faiss", **kw)
+    # Same initial centers, same Lloyd iterations: the objectives agree closely.
+    np.testing.assert_allclose(theirs.objective, ours.objective, rtol=1e-3)
+    assert np.asarray(theirs.centers).shape == (K, D)
