@@ -1,0 +1,47 @@
+"""Dataset registry: `get_builder(name, data_dir, **kwargs)` returns a prepared tfds builder."""
+
+import os
+
+import tensorflow_datasets as tfds
+
+from input_pipeline.datasets import synthetic_scenes
+
+# Datasets this codebase can generate itself (offline) when they are missing.
+BUILDABLE = {"synthetic_scenes": synthetic_scenes.build}
+
+
+def get_builder(
+    name: str, data_dir: str | os.PathLike | None, **kwargs
+) -> tfds.core.DatasetBuilder:
+    """A prepared tfds builder for `name` in `data_dir`.
+
+    'synthetic_scenes' is built there if missing (kwargs: its sizes, image_size, seed,
+    vocab_size). Any other name (tfds syntax, e.g. "mnist" or "my_ds/config:1.0.0") must already
+    be prepared in data_dir: nothing is downloaded here.
+    """
+    if not data_dir:
+        raise ValueError(f"dataset {name!r} needs a data_dir (got {data_dir!r})")
+    data_dir = os.fspath(data_dir)
+    if name in BUILDABLE:
+        return BUILDABLE[name](data_dir, **kwargs)
+    if kwargs:
+        raise ValueError(
+            f"options {sorted(kwargs)} only apply to buildable datasets {sorted(BUILDABLE)}, "
+            f"not to {name!r}"
+        )
+    if not os.path.isdir(data_dir):
+        raise FileNotFoundError(
+            f"data_dir {data_dir} does not exist (looking for dataset {name!r})"
+        )
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as e:
+        raise FileNotFoundError(
+            f"dataset {name!r} is neither registered nor prepared in {data_dir}"
+        ) from e
+    if not builder.is_prepared():
+        raise FileNotFoundError(
+            f"dataset {name!r} is not prepared in {data_dir} (expected {builder.data_dir}); "
+            "prepare it there first"
+        )
+    return builder

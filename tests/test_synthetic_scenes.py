@@ -1,0 +1,296 @@
+"""synthetic_scenes: determinism, features, geometry, caption links, side files, CLI, registry."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from input_pipeline import tokenizers
+from input_pipeline.datasets import get_builder
+from input_pipeline.datasets import synthetic_scenes as ss
+from input_pipeline.datasets.synthetic_scenes import __main__ as cli
+from input_pipeline.datasets.synthetic_scenes import builder as builder_lib
+from input_pipeline.datasets.synthetic_scenes import captions, scenes
+
+TINY = dict(train_size=40, validation_size=10, test_size=20, image_size=32)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _examples(builder, split):
+    source = builder.as_data_source(split)
+    return [source[i] for i in range(len(source))]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("scenes"))
+
+
+@pytest.fixture(scope="module")
+def built(data_root):
+    return ss.build(data_root, seed=0, **TINY)
+
+
+@pytest.fixture(scope="module")
+def data(built):
+    return {split: _examples(built, split) for split in ss.SPLITS}
+
+
+def _all(data):
+    return [ex for split in ss.SPLITS for ex in data[split]]
+
+
+def test_split_sizes_ids_and_layout(built, data):
+    assert {s: len(v) for s, v in data.items()} == {"train": 40, "validation": 10, "test": 20}
+    root = os.fspath(built.data_dir)
+    assert root.endswith(
+        os.path.join("synthetic_scenes", "train40_val10_test20_res32_seed0_vocab1024", "1.0.0")
+    )
+    assert any(f.endswith(".array_record-00000-of-00001") for f in os.listdir(root))
+    for split in ss.SPLITS:
+        assert [ex["id"] for ex in data[split]] == [
+            f"{split}_{i:08d}".encode() for i in range(len(data[split]))
+        ]
+
+
+def test_feature_shapes_dtypes_and_padding(data):
+    k = ss.MAX_OBJECTS
+    for ex in _all(data):
+        assert ex["image"].dtype == np.uint8 and ex["image"].shape == (32, 32, 3)
+        assert isinstance(ex["long_caption"], bytes) and isinstance(ex["short_caption"], bytes)
+        n = int(ex["num_objects"])
+        assert 1 <= n <= k
+        for key in ("entity_ids", "colors", "shapes", "sizes", "box_sentence"):
+            assert ex[key].dtype == np.int32 and ex[key].shape == (k,), key
+            assert (ex[key][:n] >= 0).all() and (ex[key][n:] == -1).all(), key
+        assert ex["boxes"].dtype == np.float32 and ex["boxes"].shape == (k, 4)
+        assert (ex["boxes"][n:] == 0).all()
+        b = ex["boxes"][:n]
+        assert (b >= 0).all() and (b <= 1).all()
+        assert (b[:, 2] > b[:, 0]).all() and (b[:, 3] > b[:, 1]).all()
+        assert (ex["colors"][:n] < len(ss.COLORS)).all() and (
+            ex["shapes"][:n] < len(ss.SHAPES)
+        ).all()
+        assert (ex["sizes"][:n] < len(ss.SIZES)).all()
+
+
+def test_object_counts_cover_one_to_four(data):
+    counts = {int(ex["num_objects"]) for ex in data["train"]}
+    assert counts == {1, 2, 3, 4}
+
+
+def test_boxes_contain_their_object_and_nothing_outside(data):
+    """Inside box j the saturated pixels are (mostly) object j's colour; outside every box no
+    pixel is saturated (backgrounds are grey-level, object colours fully saturated)."""
+    palette = scenes.COLOR_RGB
+    for ex in _all(data):
+        img = ex["image"].astype(np.float32)
+        r = img.shape[0]
+        saturation = img.max(-1) - img.min(-1)
+        covered = np.zeros((r, r), bool)
+        for j in range(int(ex["num_objects"])):
+            y0, x0, y1, x1 = ex["boxes"][j] * r
+            covered[int(y0) : int(np.ceil(y1)), int(x0) : int(np.ceil(x1))] = True
+            inner = img[int(np.ceil(y0)) : int(y1), int(np.ceil(x0)) : int(x1)].reshape(-1, 3)
+            strong = inner[inner.max(-1) - inner.min(-1) > 100]
+            assert len(strong) >= 0.25 * len(inner), (ex["id"], j)
+            nearest = np.argmin(((strong[:, None] - palette[None]) ** 2).sum(-1), axis=1)
+            # Anti-aliased edge pixels may sit nearer a neighbouring hue; the interior decides.
+            assert np.mean(nearest == ex["colors"][j]) >= 0.75, (ex["id"], j)
+        assert saturation[~covered].max(initial=0) < 40, ex["id"]
+
+
+def test_box_sentence_names_the_object(data):
+    for ex in _all(data):
+        sentences = ss.split_sentences(ex["long_caption"].decode())
+        n = int(ex["num_objects"])
+        assert len(sentences) == n + 1
+        assert len(set(ex["box_sentence"][:n].tolist())) == n
+        for j in range(n):
+            words = re.findall(r"[a-z]+", sentences[ex["box_sentence"][j]])
+            assert ss.COLORS[ex["colors"][j]] in words and ss.SHAPES[ex["shapes"][j]] in words
+        (bg_index,) = set(range(n + 1)) - set(ex["box_sentence"][:n].tolist())
+        assert ss.BACKGROUNDS[ex["background"]] in sentences[bg_index]
+
+
+def test_split_sentences_is_exact():
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        scene = scenes.sample_scene(rng)
+        sentences = [captions.object_sentence(o, rng) for o in scene.objects]
+        assert ss.split_sentences(" ".join(sentences)) == sentences
+    assert ss.split_sentences("a red circle. the background is dark.") == [
+        "a red circle.",
+        "the background is dark.",
+    ]
+
+
+def test_probe_labels_match_objects(data):
+    for ex in _all(data):
+        n = int(ex["num_objects"])
+        sizes = ex["sizes"][:n]
+        # Slot 0 is the largest object, strictly larger (by size class) than all others.
+        assert (sizes[0] > sizes[1:]).all()
+        assert ex["largest_shape"] == ex["shapes"][0]
+        assert ex["largest_color"] == ex["colors"][0]
+        assert ex["count"] == n - 1
+        extent = ex["boxes"][:n, 2] - ex["boxes"][:n, 0]
+        assert np.argmax(extent) == 0
+
+
+def test_entities_table_and_ids(built, data):
+    with open(os.path.join(built.data_dir, ss.ENTITIES_FILE)) as f:
+        table = json.load(f)
+    assert table == ss.entities()
+    assert [e["id"] for e in table] == list(range(len(ss.COLORS) * len(ss.SHAPES)))
+    for e in table:
+        assert e["name"] == f"{e['color']} {e['shape']}" and e["description"]
+        assert e["id"] == ss.COLORS.index(e["color"]) * len(ss.SHAPES) + ss.SHAPES.index(e["shape"])
+    for ex in _all(data):
+        n = int(ex["num_objects"])
+        np.testing.assert_array_equal(
+            ex["entity_ids"][:n], ex["colors"][:n] * len(ss.SHAPES) + ex["shapes"][:n]
+        )
+
+
+def test_classlabel_names(built):
+    for key, names in ss.PROBE_NAMES.items():
+        assert tuple(built.info.features[key].names) == names
+
+
+def test_examples_regenerate_independently(data):
+    for split, i in (("train", 7), ("test", 19)):
+        stored = data[split][i]
+        fresh = ss.generate_example(0, split, i, 32)
+        np.testing.assert_array_equal(stored["image"], fresh["image"])
+        assert stored["long_caption"].decode() == fresh["long_caption"]
+        assert stored["short_caption"].decode() == fresh["short_caption"]
+        np.testing.assert_array_equal(stored["boxes"], fresh["boxes"])
+
+
+def test_build_is_deterministic_across_dirs_and_generation_paths(tmp_path, monkeypatch, data):
+    # Force the process-pool path for the second build: the same seed must give the same bytes.
+    monkeypatch.setattr(builder_lib, "_PARALLEL_MIN_EXAMPLES", 1)
+    again = ss.build(str(tmp_path / "again"), seed=0, **TINY)
+    for split in ss.SPLITS:
+        for a, b in zip(data[split], _examples(again, split), strict=True):
+            assert a.keys() == b.keys()
+            for key in a:
+                np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    monkeypatch.setattr(builder_lib, "_PARALLEL_MIN_EXAMPLES", 10**9)
+    other = ss.build(str(tmp_path / "other"), seed=1, **TINY)
+    other_train = _examples(other, "train")
+    assert not np.array_equal(data["train"][0]["image"], other_train[0]["image"])
+    assert [e["long_caption"] for e in data["train"]] != [e["long_caption"] for e in other_train]
+
+
+def test_config_names_are_distinct_and_validated():
+    a = ss.SyntheticScenesConfig.create(**TINY)
+    assert a.name != ss.SyntheticScenesConfig.create(**{**TINY, "train_size": 41}).name
+    assert a.name != ss.SyntheticScenesConfig.create(**{**TINY, "image_size": 64}).name
+    assert a.name != ss.SyntheticScenesConfig.create(**TINY, seed=1).name
+    with pytest.raises(TypeError, match="colour_count"):
+        ss.SyntheticScenesConfig.create(colour_count=3)
+    with pytest.raises(ValueError, match="test_size"):
+        ss.SyntheticScenesConfig.create(test_size=0)
+    with pytest.raises(ValueError, match="image_size"):
+        ss.SyntheticScenesConfig.create(image_size=8)
+    with pytest.raises(ValueError, match="vocab_size"):  # caught before generating anything
+        ss.SyntheticScenesConfig.create(vocab_size=100)
+
+
+def test_side_files_regenerated_from_stored_data(built, data_root):
+    root = os.fspath(built.data_dir)
+    paths = [os.path.join(root, f) for f in (ss.TOKENIZER_FILE, ss.ENTITIES_FILE)]
+    before = [open(p, "rb").read() for p in paths]
+    for p in paths:
+        os.remove(p)
+    rebuilt = ss.build(data_root, seed=0, **TINY)
+    assert rebuilt.generated_train_captions is None  # data reused, captions read back
+    assert [open(p, "rb").read() for p in paths] == before
+    assert not [f for f in os.listdir(root) if ".tmp" in f]
+
+
+def test_interrupted_generation_never_looks_prepared(tmp_path, monkeypatch):
+    real = builder_lib.generate_example
+
+    def failing(seed, split, index, image_size):
+        if split == "validation" and index == 3:
+            raise RuntimeError("simulated crash")
+        return real(seed, split, index, image_size)
+
+    monkeypatch.setattr(builder_lib, "generate_example", failing)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        ss.build(str(tmp_path), **TINY)
+    config = ss.SyntheticScenesConfig.create(**TINY)
+    probe = ss.SyntheticScenes(config=config, data_dir=str(tmp_path))
+    assert not probe.is_prepared()
+    assert not os.path.exists(probe.data_dir)
+    monkeypatch.setattr(builder_lib, "generate_example", real)
+    done = ss.build(str(tmp_path), **TINY)
+    assert done.is_prepared() and len(done.as_data_source("validation")) == 10
+
+
+def test_zeroshot_prompts_are_in_vocabulary_and_in_distribution(built):
+    tok = tokenizers.load_tokenizer(os.path.join(built.data_dir, ss.TOKENIZER_FILE))
+    unk = tok.token_to_id("[UNK]")
+    assert unk is not None
+    prompts = list(captions.prompt_texts())
+    assert len(prompts) == sum(
+        len(t.templates) * len(ss.PROBE_NAMES[t.label_key]) for t in ss.ZEROSHOT_TASKS.values()
+    )
+    assert unk not in set(np.concatenate(tok.tokenize(prompts)).tolist())
+    for name in ss.COLORS + ss.SHAPES:  # every class name is a learned whole-word token
+        assert len(tok.tokenize([name])[0]) == 1, name
+    # Every template, with some class name in its slot, occurs verbatim in generated captions.
+    texts = []
+    for i in range(4000):
+        rng = np.random.default_rng([0, 0, i])
+        scene = scenes.sample_scene(rng)
+        texts += [captions.long_caption(scene, rng)[0], captions.short_caption(scene, rng)]
+    corpus = "\n".join(texts)
+    for task in ss.ZEROSHOT_TASKS.values():
+        names = "|".join(ss.PROBE_NAMES[task.label_key])
+        assert task.single_object
+        for template in task.templates:
+            body = re.escape(template.rstrip(".")).replace(r"\{\}", f"({names})")
+            assert re.search(rf"(^|[ ,]){body}($|[ ,.])", corpus, flags=re.M), template
+
+
+def test_get_builder(built, data_root, tmp_path):
+    same = get_builder("synthetic_scenes", data_root, **TINY)
+    assert os.fspath(same.data_dir) == os.fspath(built.data_dir)
+    missing = str(tmp_path / "no_such_dir")
+    with pytest.raises(FileNotFoundError, match=re.escape(missing)):
+        get_builder("mnist", missing)
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path))):
+        get_builder("mnist", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="not_a_dataset_xyz"):
+        get_builder("not_a_dataset_xyz", str(tmp_path))
+    with pytest.raises(ValueError, match="data_dir"):
+        get_builder("mnist", None)
+    with pytest.raises(ValueError, match="train_size"):
+        get_builder("mnist", str(tmp_path), train_size=3)
+
+
+def test_cli_builds(tmp_path, capsys):
+    cmd = [
+        sys.executable,
+        "-m",
+        "input_pipeline.datasets.synthetic_scenes",
+        "--data_dir",
+        str(tmp_path),
+    ]
+    cmd += ["--train_size", "6", "--validation_size", "2", "--test_size", "3", "--image_size", "16"]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    root = tmp_path / "synthetic_scenes" / "train6_val2_test3_res16_seed0_vocab1024" / "1.0.0"
+    assert f"ready in {root}" in out.stdout
+    assert (root / ss.TOKENIZER_FILE).is_file() and (root / ss.ENTITIES_FILE).is_file()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--data_dir", str(tmp_path), "--test_size", "0"])
+    assert exit_info.value.code == 2 and "test_size" in capsys.readouterr().err
