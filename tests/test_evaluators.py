@@ -12,6 +12,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import tensorflow_datasets as tfds
+from evaluator_fakes import FakeBuilder, FakeEncoder, random_embed, unit
 
 from mlcd import evaluators
 from mlcd.evaluators import common, retrieval, zero_shot
@@ -29,22 +30,11 @@ TASKS = {
 }
 
 
-class FakeBuilder:
-    """The parts of a prepared tfds builder the evaluators use; counts data-source opens."""
-
-    def __init__(self, name, splits, features):
-        self.name = name
-        self.info = types.SimpleNamespace(features=tfds.features.FeaturesDict(features))
-        self._splits = splits
-        self.opens = 0
-
-    def as_data_source(self, split):
-        self.opens += 1
-        return self._splits[split]
-
-
-def _unit(x):
-    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+@pytest.fixture(autouse=True)
+def _fresh_split_cache():
+    """Fake builders are rebuilt per test; their cached splits must not outlive them."""
+    yield
+    common.clear_split_cache()
 
 
 def scenes_builder(n=60, seed=0, name="fake_scenes", shape_feature=None):
@@ -83,7 +73,7 @@ def onehot_images(images):
     z = np.zeros((len(images), len(SHAPES) + len(COLORS)), np.float32)
     z[np.arange(len(images)), images[:, 0, 0, 0]] = 1
     z[np.arange(len(images)), len(SHAPES) + images[:, 0, 0, 1]] = 1
-    return _unit(z)
+    return unit(z)
 
 
 def onehot_texts(texts):
@@ -94,11 +84,6 @@ def onehot_texts(texts):
         (hit,) = [j for j, w in enumerate(vocab) if w in t.replace(".", " ").split()]
         z[i, hit] = 1
     return z
-
-
-def random_embed(seed, dim=16):
-    rng = np.random.default_rng(seed)
-    return lambda x: _unit(rng.normal(size=(len(x), dim)))
 
 
 # ---------------------------------------------------------------------------- metric functions
@@ -164,9 +149,10 @@ def test_prompt_ensemble_is_renormalised_mean():
     table = {}
 
     def embed(texts):
-        return np.stack([table.setdefault(t, _unit(rng.normal(size=8))) for t in texts])
+        return np.stack([table.setdefault(t, unit(rng.normal(size=8))) for t in texts])
 
-    w = zero_shot.class_embeddings(embed, ["a", "b"], ["x {}", "y {} {}"], batch_size=3)
+    encoder = FakeEncoder(text_fn=embed)
+    w = zero_shot.class_embeddings(encoder, ["a", "b"], ["x {}", "y {} {}"], batch_size=3)
     for c, name in enumerate(["a", "b"]):
         mean = table[f"x {name}"] + table[f"y {name} {name}"]
         np.testing.assert_allclose(w[c], mean / np.linalg.norm(mean), rtol=1e-6)
@@ -178,7 +164,9 @@ def test_prompt_ensemble_is_renormalised_mean():
 def test_zeroshot_onehot_encoder_is_perfect_and_reads_once():
     builder = scenes_builder()
     ev = evaluators.get("zeroshot")(builder=builder, tasks=TASKS, batch_size=16)
-    first = ev.run(onehot_images, onehot_texts)
+    encoder = FakeEncoder(onehot_images, onehot_texts)
+    first = ev.run(encoder)
+    assert {keys for keys, _ in encoder.image_calls} == {("embedding",)}  # nothing else computed
     assert first == {
         "zeroshot/shape/top1": 1.0,
         "zeroshot/shape/top5": 1.0,
@@ -186,7 +174,7 @@ def test_zeroshot_onehot_encoder_is_perfect_and_reads_once():
         "zeroshot/shapes/top1": 1.0,
         "zeroshot/shapes/top5": 1.0,
     }
-    assert ev.run(onehot_images, onehot_texts) == first
+    assert ev.run(FakeEncoder(onehot_images, onehot_texts)) == first
     assert builder.opens == 1
 
 
@@ -196,13 +184,15 @@ def test_zeroshot_single_object_filter_matters():
     builder = scenes_builder()
     ev = zero_shot.ZeroShotEvaluator(builder, tasks=tasks)
     single = np.mean([int(ex["num_objects"]) == 1 for ex in builder.as_data_source("test")])
-    assert ev.run(onehot_images, onehot_texts)["zeroshot/shape/top1"] == pytest.approx(single)
+    assert ev.run(FakeEncoder(onehot_images, onehot_texts))["zeroshot/shape/top1"] == pytest.approx(
+        single
+    )
 
 
 def test_zeroshot_random_encoder_is_near_chance():
     n = 600
     ev = zero_shot.ZeroShotEvaluator(scenes_builder(n=n, seed=1), tasks=TASKS, batch_size=128)
-    metrics = ev.run(random_embed(0), random_embed(1))
+    metrics = ev.run(FakeEncoder(random_embed(0), random_embed(1)))
     # Labels are independent of random embeddings: each accuracy ~ Binomial(n', p) / n' with
     # p = k / C (k true-set size x top-k, capped at 1), n' >= n / 4 examples after filtering.
     for key, p in [
@@ -222,7 +212,7 @@ def test_zeroshot_tasks_from_the_dataset_module(monkeypatch):
     assert [(t.name, t.templates, t.class_names) for t in ev.tasks] == [
         ("color", ("the {}",), COLORS)
     ]
-    assert ev.run(onehot_images, onehot_texts) == {"zeroshot/color/top1": 1.0}
+    assert ev.run(FakeEncoder(onehot_images, onehot_texts)) == {"zeroshot/color/top1": 1.0}
     with pytest.raises(
         ValueError,
         match=r"unknown zero-shot task\(s\) \['size'\].*known: \['color', 'shape', 'shapes'\]",
@@ -248,18 +238,27 @@ def test_zeroshot_errors():
     with pytest.raises(ValueError, match="every template needs"):
         zero_shot.ZeroShotEvaluator(scenes_builder(), tasks=TASKS, templates=("no slot",))
     ev = zero_shot.ZeroShotEvaluator(scenes_builder(), tasks=TASKS)
-    with pytest.raises(ValueError, match="embed_images must return L2-normalised rows"):
-        ev.run(lambda x: 2 * onehot_images(x), onehot_texts)
     with pytest.raises(
-        ValueError, match=r"embed_texts must return \[14, E\] for 14 inputs; got \(1, 11\)"
+        ValueError, match="embed_images 'embedding' must be L2-normalised; found a vector of norm 2"
     ):
-        ev.run(onehot_images, lambda t: onehot_texts(t)[:1])
+        ev.run(FakeEncoder(lambda x: 2 * onehot_images(x), onehot_texts))
+    with pytest.raises(
+        ValueError,
+        match=r"embed_texts 'embedding' must be \[N, D\] with N = 14 inputs; got \(1, 11\)",
+    ):
+        ev.run(FakeEncoder(onehot_images, lambda t: onehot_texts(t)[:1]))
+    with pytest.raises(
+        ValueError, match=r"embed_images returned no 'embedding' \(it returned \[\]\)"
+    ):
+        ev.run(FakeEncoder({"x": onehot_images}, onehot_texts))
+    nan_images = lambda x: np.full((len(x), 3), np.nan, np.float32)
+    with pytest.raises(ValueError, match="embed_images 'embedding' has non-finite values"):
+        ev.run(FakeEncoder(nan_images, onehot_texts))
 
 
 def test_unknown_evaluator_lists_known():
-    with pytest.raises(
-        ValueError, match=r"unknown evaluator 'linear'; known: \['retrieval', 'zeroshot'\]"
-    ):
+    known = "'fewshot', 'grounding', 'image_retrieval', 'linear_probe', 'retrieval', 'zeroshot'"
+    with pytest.raises(ValueError, match=rf"unknown evaluator 'linear'; known: \[{known}\]"):
         evaluators.get("linear")
 
 
@@ -297,26 +296,26 @@ def test_retrieval_identity_encoder_is_perfect_and_reads_once():
     ev = evaluators.get("retrieval")(
         builder=builder, caption_key=["long_caption", "alt"], batch_size=16
     )
-    first = ev.run(identity_images, identity_texts)
+    first = ev.run(FakeEncoder(identity_images, identity_texts))
     assert first == {f"retrieval/test/{d}_r{k}": 1.0 for d in ("i2t", "t2i") for k in (1, 5, 10)}
     _, captions, text_to_image = ev._load()
     assert len(captions) == 40 * 2 + 20  # empty alt captions dropped
     assert captions[:3] == ["image number 0 .", "pic 0", "photo 0"]
     np.testing.assert_array_equal(text_to_image[:4], [0, 0, 0, 1])
-    assert ev.run(identity_images, identity_texts) == first
+    assert ev.run(FakeEncoder(identity_images, identity_texts)) == first
     assert builder.opens == 1
 
 
 def test_retrieval_random_and_collapsed_encoders():
     n = 40
     ev = retrieval.RetrievalEvaluator(captions_builder(n), name="val", ks=(1, 10))
-    metrics = ev.run(random_embed(0, dim=32), random_embed(1, dim=32))
+    metrics = ev.run(FakeEncoder(random_embed(0, dim=32), random_embed(1, dim=32)))
     for k in (1, 10):  # one caption per image: a query hits at chance with probability k / n
         p = k / n
         assert abs(metrics[f"retrieval/val/t2i_r{k}"] - p) < 5 * np.sqrt(p * (1 - p) / n) + 1 / n
     # Every score equal: ties count against the query, so nothing is retrieved.
     const = lambda x: np.ones((len(x), 1), np.float32)
-    assert set(ev.run(const, const).values()) == {0.0}
+    assert set(ev.run(FakeEncoder(const, const)).values()) == {0.0}
 
 
 def test_retrieval_missing_caption_key():
@@ -324,7 +323,7 @@ def test_retrieval_missing_caption_key():
     with pytest.raises(
         KeyError, match="dataset 'fake_captions' split 'test' has no feature 'short_caption'"
     ):
-        ev.run(identity_images, identity_texts)
+        ev.run(FakeEncoder(identity_images, identity_texts))
 
 
 # ---------------------------------------------------------------------------- a real tfds builder
@@ -369,12 +368,63 @@ def test_real_tfds_builder(tmp_path):
     shape_images = lambda x: np.eye(len(SHAPES), dtype=np.float32)[x[:, 0, 0, 0] % 3]
     task = {"label_key": "largest_shape", "templates": ("a {}",), "single_object": True}
     zs = evaluators.get("zeroshot")(builder=builder, tasks={"shape": task}, batch_size=5)
-    assert zs.run(shape_images, lambda t: onehot_texts(t)[:, : len(SHAPES)]) == {
+    assert zs.run(FakeEncoder(shape_images, lambda t: onehot_texts(t)[:, : len(SHAPES)])) == {
         "zeroshot/shape/top1": 1.0
     }
     assert len(zs._task_data["shape"].rows) == 12  # the single-object half
 
     number = lambda texts: np.eye(24, dtype=np.float32)[[int(t.split()[-1]) for t in texts]]
     ret = evaluators.get("retrieval")(builder=builder, split="test[:10]", batch_size=4, ks=(1,))
-    metrics = ret.run(lambda x: np.eye(24, dtype=np.float32)[x[:, 0, 0, 0]], number)
+    metrics = ret.run(FakeEncoder(lambda x: np.eye(24, dtype=np.float32)[x[:, 0, 0, 0]], number))
     assert metrics == {"retrieval/test[:10]/i2t_r1": 1.0, "retrieval/test[:10]/t2i_r1": 1.0}
+
+
+# ---------------------------------------------------------------------------- shared embeddings
+
+
+def test_shared_embeddings_embed_each_image_once():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, size=(12, 4, 4, 3), dtype=np.uint8)
+    images[5] = images[2]  # a duplicate image is the same input
+    fns = {
+        "embedding": lambda x: unit(x.reshape(len(x), -1).astype(np.float32)),
+        "pre_logits": lambda x: x[:, 0, 0].astype(np.float32),
+        "patch_embeddings": lambda x: unit(x.reshape(len(x), 16, 3).astype(np.float32)),
+    }
+    encoder = FakeEncoder(fns, image_size=4)
+    shared = evaluators.SharedEmbeddings(encoder)
+    first = shared.embed_images(images[:8], keys=("embedding",))
+    assert shared.computed == 8 and encoder.image_calls[-1][0] == ("embedding", "pre_logits")
+    assert shared.embed_images(images[:2], keys=("pre_logits",)).keys() == {"pre_logits"}
+    # Other order, subset, the other pooled key: all hits.
+    again = shared.embed_images(images[[7, 2, 5, 0]], keys=("pre_logits", "embedding"))
+    assert shared.computed == 8
+    np.testing.assert_array_equal(again["embedding"], first["embedding"][[7, 2, 5, 0]])
+    np.testing.assert_array_equal(again["pre_logits"], fns["pre_logits"](images[[7, 2, 5, 0]]))
+    both = shared.embed_images(images, keys=("embedding", "patch_embeddings"))
+    # Pooled outputs for the 4 new images; patch outputs (never computed) for all 12, alone.
+    assert shared.computed == 8 + 4 + 12
+    assert [keys for keys, _ in encoder.image_calls[-2:]] == [
+        ("embedding", "pre_logits"),
+        ("patch_embeddings",),
+    ]
+    np.testing.assert_array_equal(both["patch_embeddings"], fns["patch_embeddings"](images))
+    np.testing.assert_array_equal(both["embedding"], fns["embedding"](images))
+    shared.embed_images(images[8:], keys=("pre_logits", "patch_embeddings"))
+    assert shared.computed == 24
+
+    bad = evaluators.SharedEmbeddings(FakeEncoder(lambda x: np.ones((1, 2), np.float32)))
+    with pytest.raises(ValueError, match=r"'embedding' must have one row per image: 3 images"):
+        bad.embed_images(images[:3])
+
+
+def test_evaluators_on_shared_embeddings_give_the_same_metrics():
+    builder = captions_builder()
+    ret = retrieval.RetrievalEvaluator(builder, caption_key=["long_caption", "alt"], batch_size=16)
+    ret_val = retrieval.RetrievalEvaluator(builder, split="test[:5]", name="head", ks=(1,))
+    builder._splits["test[:5]"] = builder._splits["test"][:5]
+    direct = FakeEncoder(identity_images, identity_texts)
+    expected = {**ret.run(direct), **ret_val.run(direct)}
+    shared = evaluators.SharedEmbeddings(FakeEncoder(identity_images, identity_texts))
+    assert {**ret.run(shared), **ret_val.run(shared)} == expected
+    assert shared.computed == 40  # the 5 images of test[:5] were already embedded

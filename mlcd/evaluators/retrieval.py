@@ -11,7 +11,7 @@ depends on the dataset's order and a collapsed encoder (all scores equal) gets R
 lucky 1/N.
 """
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -144,34 +144,24 @@ class RetrievalEvaluator:
                 self.split,
                 ["image", *self.caption_keys],
                 max_examples=self.max_examples,
-                batch_size=self.batch_size,
                 desc=f"retrieval {self.split}: reading",
             )
             where = f"retrieval on {self.builder.name}/{self.split}"
             captions, text_to_image = flatten_captions(data, self.caption_keys, where)
-            self._cache = (data["image"], captions, text_to_image)
+            self._cache = (common.as_rgb(data["image"], where=where), captions, text_to_image)
         return self._cache
 
-    def run(
-        self,
-        embed_images: Callable[[np.ndarray], Any],
-        embed_texts: Callable[[list[str]], Any],
-    ) -> dict[str, float]:
-        """Embeds the cached images and captions and returns the recalls."""
+    def run(self, encoder: Any) -> dict[str, float]:
+        """Embeds the cached images and captions and returns the recalls.
+
+        encoder: see `common` (embed_images with key 'embedding', embed_texts).
+        """
         images, captions, text_to_image = self._load()
-        zimg = common.embed_in_batches(
-            embed_images,
-            images,
-            self.batch_size,
-            what="embed_images",
-            desc=f"retrieval {self.name}: images",
-        )
-        ztxt = common.embed_in_batches(
-            embed_texts,
-            captions,
-            self.batch_size,
-            what="embed_texts",
-            desc=f"retrieval {self.name}: texts",
+        zimg = common.embed_images(
+            encoder, images, ("embedding",), self.batch_size, f"retrieval {self.name}: images"
+        )["embedding"]
+        ztxt = common.embed_texts(
+            encoder, captions, self.batch_size, f"retrieval {self.name}: texts"
         )
         recalls = retrieval_recalls(zimg @ ztxt.T, text_to_image, self.ks)
         return {f"retrieval/{self.name}/{k}": v for k, v in recalls.items()}

@@ -18,7 +18,7 @@ examples whose `num_objects` feature equals 1. Class names are the ClassLabel na
 
 import dataclasses
 import importlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -153,10 +153,7 @@ def resolve_tasks(
 
 
 def class_embeddings(
-    embed_texts: Callable[[list[str]], Any],
-    names: Sequence[str],
-    templates: Sequence[str],
-    batch_size: int,
+    encoder: Any, names: Sequence[str], templates: Sequence[str], batch_size: int
 ) -> np.ndarray:
     """Prompt-ensembled class embeddings w_c = normalize(mean_j embed(template_j(name_c))).
 
@@ -166,9 +163,7 @@ def class_embeddings(
       float32 [C, E], rows L2-normalised.
     """
     prompts = [t.replace("{}", n) for n in names for t in templates]  # class-major
-    z = common.embed_in_batches(
-        embed_texts, prompts, batch_size, what="embed_texts", desc="zeroshot: prompts"
-    )
+    z = common.embed_texts(encoder, prompts, batch_size, desc="zeroshot: prompts")
     w = z.reshape(len(names), len(templates), -1).mean(axis=1)
     # The mean of unit vectors has norm <= 1 (< 1 when prompts disagree): renormalise for cosine.
     return w / np.maximum(np.linalg.norm(w, axis=1, keepdims=True), 1e-12)
@@ -254,7 +249,6 @@ class ZeroShotEvaluator:
             self.split,
             sorted(keys),
             max_examples=self.max_examples,
-            batch_size=self.batch_size,
             desc=f"zeroshot {self.split}: reading",
         )
         selected = {}
@@ -275,26 +269,23 @@ class ZeroShotEvaluator:
             name: _TaskData(rows=np.searchsorted(union, idx), positives=pos)
             for name, (idx, pos) in selected.items()
         }
-        self._images = data["image"][union]
+        self._images = common.as_rgb(
+            data["image"][union], where=f"zero-shot {self.builder.name}/{self.split}"
+        )
         return self._images
 
-    def run(
-        self,
-        embed_images: Callable[[np.ndarray], Any],
-        embed_texts: Callable[[list[str]], Any],
-    ) -> dict[str, float]:
-        """Embeds the cached images once and every task's prompts; returns the accuracies."""
+    def run(self, encoder: Any) -> dict[str, float]:
+        """Embeds the cached images once and every task's prompts; returns the accuracies.
+
+        encoder: see `common` (embed_images with key 'embedding', embed_texts).
+        """
         images = self._load()
-        zimg = common.embed_in_batches(
-            embed_images,
-            images,
-            self.batch_size,
-            what="embed_images",
-            desc=f"zeroshot {self.split}: images",
-        )
+        zimg = common.embed_images(
+            encoder, images, ("embedding",), self.batch_size, f"zeroshot {self.split}: images"
+        )["embedding"]
         metrics = {}
         for task in self.tasks:
-            w = class_embeddings(embed_texts, task.class_names, task.templates, self.batch_size)
+            w = class_embeddings(encoder, task.class_names, task.templates, self.batch_size)
             data = self._task_data[task.name]
             ranks = common.best_positive_rank(zimg[data.rows] @ w.T, data.positives)
             ks = (1, 5) if len(task.class_names) > 5 else (1,)
