@@ -49,7 +49,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.data_dir = "data"
     c.data.build = ml_collections.ConfigDict()  # kwargs of the builder (sizes, seed, resolution)
     c.data.split = "train"
-    c.data.text_key = "long_caption"
+    # The caption field(s) to train on; with several, each example draws one uniformly at
+    # random (seeded per example, so a resumed run draws the same).
+    c.data.text_keys = ("long_caption",)
     c.data.num_threads = 2  # grain reader threads per host
     c.data.prefetch = 4
 
@@ -88,7 +90,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.log_every = 10
     c.ckpt_every = 200
     c.keep_ckpts = 2
-    c.eval_every = 500  # periodic evaluation; the final step is always evaluated
+    # Periodic evaluation every N steps; an evaluator's own `every` overrides it: 0 = after the
+    # last step only, < 0 = never.
+    c.eval_every = 500
     c.evals = ml_collections.ConfigDict()
     return c
 
@@ -220,9 +224,19 @@ def tiny_preset(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         {
             "zeroshot": {"type": "zeroshot", "split": "test", "tasks": ("shape", "color")},
             "retrieval": {"type": "retrieval", "split": "test", "caption_key": "long_caption"},
+            # Frozen-feature evaluators, after the last step only (every=0).
+            "fewshot": {"type": "fewshot", "every": 0},
+            "linear_probe": {"type": "linear_probe", "every": 0},
+            "digits": {"type": "linear_probe", "dataset": "digits", "every": 0},
+            "image_retrieval": {"type": "image_retrieval", "every": 0},
+            "grounding": {"type": "grounding", "every": 0},
         }
     )
     return c
+
+
+# config.evals entries of tiny_preset that only run after the last step (tests switch them off).
+FINAL_ONLY_EVALS = ("fewshot", "linear_probe", "digits", "image_retrieval", "grounding")
 
 
 def paper_b16_preset(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -40,11 +40,13 @@ class _SkipCounter:
 class _TrainExample(grain.transforms.RandomMap):
     """Decodes and augments one example; returns None (dropped downstream) if undecodable."""
 
-    def __init__(self, pp: ml_collections.ConfigDict, text_key: str, skipped: _SkipCounter):
+    def __init__(
+        self, pp: ml_collections.ConfigDict, text_keys: tuple[str, ...], skipped: _SkipCounter
+    ):
         self._size = int(pp.image_size)
         self._scale = tuple(pp.crop_scale)
         self._flip = bool(pp.flip)
-        self._text_key = text_key
+        self._text_keys = text_keys
         self._skipped = skipped
 
     def random_map(self, example: dict[str, Any], rng: np.random.Generator) -> dict | None:
@@ -57,7 +59,8 @@ class _TrainExample(grain.transforms.RandomMap):
         image = preprocess.random_resized_crop(image, self._size, rng, scale=self._scale)
         if self._flip:
             image = preprocess.random_flip(image, rng)
-        text = example[self._text_key]
+        key = self._text_keys[int(rng.integers(len(self._text_keys)))]
+        text = example[key]
         return {"image": np.ascontiguousarray(image), "text": _to_str(text)}
 
 
@@ -89,11 +92,15 @@ class TrainIterator:
                 f"config.data.split={data.split!r}: dataset {builder.name} has splits "
                 f"{sorted(builder.info.splits)}"
             )
-        if data.text_key not in builder.info.features:
-            raise ValueError(
-                f"config.data.text_key={data.text_key!r}: dataset {builder.name} has features "
-                f"{sorted(builder.info.features)}"
-            )
+        text_keys = tuple(data.text_keys)
+        for key in text_keys:
+            if key not in builder.info.features:
+                raise ValueError(
+                    f"config.data.text_keys: {key!r} is not a feature of {builder.name} "
+                    f"(features: {sorted(builder.info.features)})"
+                )
+        if not text_keys:
+            raise ValueError("config.data.text_keys is empty")
         # Raw bytes: we decode ourselves so that a corrupt image drops one example, not the run.
         source = builder.as_data_source(
             split=data.split, decoders={"image": tfds.decode.SkipDecoding()}
@@ -109,9 +116,7 @@ class TrainIterator:
             grain.MapDataset.source(source)[process_index::process_count]
             .shuffle(seed=config.seed)
             .repeat(None)
-            .random_map(
-                _TrainExample(config.pp, data.text_key, self.skipped_counter), seed=config.seed
-            )
+            .random_map(_TrainExample(config.pp, text_keys, self.skipped_counter), seed=config.seed)
         )
         options = grain.ReadOptions(
             num_threads=data.num_threads, prefetch_buffer_size=data.prefetch

@@ -12,6 +12,7 @@ the one the model was trained with (from the run config or the export's data spe
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import sys
@@ -44,24 +45,36 @@ def _encoder_from_run(workdir: str, step: int | None) -> tuple[Encoder, dict[str
     return encoder, {"data": config.data.to_dict(), "evals": config.evals.to_dict(), "step": step}
 
 
-def evaluator_kwargs(kind: str, configured: dict[str, Any]) -> dict[str, Any]:
-    """kwargs of the first configured evaluator of type `kind` (minus type/every), else {}."""
-    for name, cfg in configured.items():
-        if cfg.get("type", name) == kind:
-            return {k: v for k, v in cfg.items() if k not in ("type", "every")}
-    return {}
+def resolve_eval(name: str, configured: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(evaluator type, kwargs) for `name`: an entry of the run's config.evals (by entry name,
+    then by type), or else the evaluator type `name` with its defaults."""
+    entries = [(k, v) for k, v in configured.items() if k == name]
+    entries += [(k, v) for k, v in configured.items() if v.get("type", k) == name]
+    if not entries:
+        return name, {}
+    key, cfg = entries[0]
+    return cfg.get("type", key), {k: v for k, v in cfg.items() if k not in ("type", "every")}
 
 
 def evaluate(
-    encoder: Encoder, spec: dict[str, Any], evals: Sequence[str], data_dir: str | None = None
+    encoder: Encoder,
+    spec: dict[str, Any],
+    evals: Sequence[str],
+    data_dir: str | None = None,
+    out_dir: str | None = None,
 ) -> dict[str, float]:
-    """Runs the named evaluators on `encoder`; spec = {'data': ..., 'evals': ...} of the run."""
+    """Runs the named evaluators on `encoder`; spec = {'data': ..., 'evals': ...} of the run.
+    Evaluators that write files (plots) write them under `out_dir` (default: none written)."""
     data = ml_collections.ConfigDict(spec["data"])
     builder = datasets.get_builder(data.name, data_dir or data.data_dir, **data.build.to_dict())
+    shared = evaluators.SharedEmbeddings(encoder)
     results: dict[str, float] = {}
-    for kind in evals:
-        evaluator = evaluators.get(kind)(builder=builder, **evaluator_kwargs(kind, spec["evals"]))
-        results.update(evaluator.run(encoder))
+    for name in evals:
+        kind, kwargs = resolve_eval(name, spec["evals"])
+        cls = evaluators.get(kind)
+        if "out_dir" in inspect.signature(cls).parameters:
+            kwargs["out_dir"] = out_dir
+        results.update(cls(builder=builder, **kwargs).run(shared))
     return results
 
 
@@ -71,7 +84,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     source.add_argument("--checkpoint", help="an export directory (python -m mlcd.export)")
     source.add_argument("--workdir", help="a training run directory")
     parser.add_argument("--step", type=int, default=None, help="with --workdir: checkpoint step")
-    parser.add_argument("--evals", default=",".join(DEFAULT_EVALS), help="comma-separated names")
+    parser.add_argument(
+        "--evals",
+        default=",".join(DEFAULT_EVALS),
+        help="comma-separated config.evals entry names or evaluator types "
+        "(zeroshot, retrieval, fewshot, linear_probe, image_retrieval, grounding)",
+    )
     parser.add_argument("--data_dir", default=None, help="dataset directory (default: the run's)")
     parser.add_argument("--out", default=None, help="JSON file for the flat metrics")
     args = parser.parse_args(argv)
@@ -84,7 +102,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             ckpt_dir = os.path.abspath(os.path.join(args.workdir, "checkpoints"))
             if os.path.abspath(args.out).startswith(ckpt_dir + os.sep):
                 raise ValueError(f"--out {args.out}: evaluation never writes into {ckpt_dir}")
-        results = evaluate(encoder, spec, [e for e in args.evals.split(",") if e], args.data_dir)
+        out_dir = os.path.dirname(os.path.abspath(args.out)) if args.out else None
+        names = [e for e in args.evals.split(",") if e]
+        results = evaluate(encoder, spec, names, args.data_dir, out_dir)
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2

@@ -13,6 +13,7 @@ iterator's position is checkpointed, so a resumed run continues exactly as an un
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import os
 import sys
@@ -111,22 +112,36 @@ def make_train_step(graphdef, objective, tx, schedule, state_shardings, batch_sh
     )
 
 
-def make_evaluators(config: ml_collections.ConfigDict, builder) -> dict[str, tuple[Any, int]]:
-    """{name: (evaluator, every)} from config.evals = {name: {type, every, **kwargs}}."""
+def make_evaluators(
+    config: ml_collections.ConfigDict, builder, out_dir: str
+) -> dict[str, tuple[Any, int]]:
+    """{name: (evaluator, every)} from config.evals = {name: {type, every, **kwargs}}.
+
+    every: evaluate each `every` steps (default config.eval_every); 0 = only after the last
+    step; < 0 = never (the entry is skipped). Evaluators that write files (an `out_dir`
+    argument) write them under `out_dir`.
+    """
     out = {}
     for name, ecfg in config.evals.items():
         kwargs = ecfg.to_dict()
-        kind = kwargs.pop("type", name)
+        cls = evaluators.get(kwargs.pop("type", name))
         every = int(kwargs.pop("every", config.eval_every))
-        out[name] = (evaluators.get(kind)(builder=builder, **kwargs), every)
+        if every < 0:
+            continue
+        if "out_dir" in inspect.signature(cls).parameters:
+            kwargs.setdefault("out_dir", out_dir)
+        out[name] = (cls(builder=builder, **kwargs), every)
     return out
 
 
 def run_evaluators(evals, encoder: Encoder, step: int, final: bool) -> dict[str, float]:
+    due = [ev for ev, every in evals.values() if final or (every > 0 and step % every == 0)]
+    # One SharedEmbeddings per round (params change between rounds): images that several
+    # evaluators use are embedded once.
+    shared = evaluators.SharedEmbeddings(encoder)
     results = {}
-    for _, (evaluator, every) in evals.items():
-        if final or (every > 0 and step % every == 0):
-            results.update(evaluator.run(encoder))
+    for evaluator in due:
+        results.update(evaluator.run(shared))
     return results
 
 
@@ -213,7 +228,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     train_step = make_train_step(
         graphdef, objective, tx, schedule, state_shardings, sharding.batch_sharding(mesh), mesh
     )
-    evals = make_evaluators(config, builder)
+    evals = make_evaluators(config, builder, os.path.join(workdir, "eval"))
 
     # One encoder (its towers compile once); it is pointed at the live params before each eval.
     encoder = Encoder(

@@ -134,10 +134,10 @@ def test_bad_split_or_text_key_names_the_key(scenes_builder, scenes_dir, tokeniz
             tokenizer,
             host_batch_size=8,
         )
-    with pytest.raises(ValueError, match=r"config\.data\.text_key='caption'"):
+    with pytest.raises(ValueError, match=r"config\.data\.text_keys: 'caption' is not a feature"):
         TrainIterator(
             scenes_builder,
-            _config(scenes_dir, **{"data.text_key": "caption"}),
+            _config(scenes_dir, **{"data.text_keys": "('long_caption', 'caption')"}),
             tokenizer,
             host_batch_size=8,
         )
