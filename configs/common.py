@@ -197,6 +197,14 @@ def parse_overrides(config: ml_collections.ConfigDict, argv: Sequence[str]) -> N
         i += 1
 
 
+def _image_text_evals() -> dict[str, dict[str, Any]]:
+    """Zero-shot (shape, colour) and retrieval on the synthetic_scenes test split."""
+    return {
+        "zeroshot": {"type": "zeroshot", "split": "test", "tasks": ("shape", "color")},
+        "retrieval": {"type": "retrieval", "split": "test", "caption_key": "long_caption"},
+    }
+
+
 def tiny_preset(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The CPU try-out: synthetic_scenes, tiny towers, a few minutes on 2 cores.
 
@@ -222,8 +230,7 @@ def tiny_preset(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.eval_every = 200
     c.evals = ml_collections.ConfigDict(
         {
-            "zeroshot": {"type": "zeroshot", "split": "test", "tasks": ("shape", "color")},
-            "retrieval": {"type": "retrieval", "split": "test", "caption_key": "long_caption"},
+            **_image_text_evals(),
             # Frozen-feature evaluators, after the last step only (every=0).
             "fewshot": {"type": "fewshot", "every": 0},
             "linear_probe": {"type": "linear_probe", "every": 0},
@@ -257,12 +264,7 @@ def paper_b16_preset(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.log_every = 100
     c.ckpt_every = 2000
     c.eval_every = 10_000
-    c.evals = ml_collections.ConfigDict(
-        {
-            "zeroshot": {"type": "zeroshot", "split": "test", "tasks": ("shape", "color")},
-            "retrieval": {"type": "retrieval", "split": "test", "caption_key": "long_caption"},
-        }
-    )
+    c.evals = ml_collections.ConfigDict(_image_text_evals())
     return c
 
 
