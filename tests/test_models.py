@@ -235,6 +235,29 @@ def test_dot_product_attention_matches_reference():
     np.testing.assert_allclose(got_g, want_g, atol=1e-4)
 
 
+def test_bias_gelu_matches_autodiff_of_jax_gelu():
+    rng = np.random.default_rng(0)
+    z = jnp.asarray(rng.normal(size=(6, 5)) * 3, jnp.float32)
+    bias = jnp.asarray(rng.normal(size=(5,)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(6, 5)), jnp.float32)
+    ref = lambda z, b: (jax.nn.gelu(z + b, approximate=True) * w).sum()
+    got = lambda z, b: (layers.bias_gelu(z, b) * w).sum()
+    np.testing.assert_allclose(got(z, bias), ref(z, bias), rtol=1e-6)
+    for g, r in zip(jax.grad(got, (0, 1))(z, bias), jax.grad(ref, (0, 1))(z, bias), strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
+
+
+def test_layer_norm_matches_formula():
+    ln = layers.LayerNorm(8, dtype=jnp.float32)
+    ln.scale[...] = jnp.arange(1.0, 9.0)
+    ln.bias[...] = jnp.full((8,), 0.5)
+    x = np.random.default_rng(0).normal(size=(2, 3, 8)) * 4 + 2
+    want = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-6)
+    np.testing.assert_allclose(
+        ln(jnp.asarray(x, jnp.float32)), want * np.arange(1, 9) + 0.5, rtol=1e-5, atol=1e-5
+    )
+
+
 # ----------------------------------------------------------------------------------------------
 # Training signal, dtypes, sizes, errors.
 

@@ -2,7 +2,7 @@
 
 Parameters are always float32 (``param_dtype``); ``dtype`` is the compute dtype of matmuls and
 activations. In bfloat16 compute, layer-norm statistics and the attention softmax still run in
-float32 (see ``layer_norm`` and ``dot_product_attention``).
+float32 (see ``LayerNorm`` and ``dot_product_attention``).
 
 Parameter paths are stable and regex-friendly, e.g. ``blocks/0/attn/qkv/kernel`` [W, 3W],
 ``blocks/0/mlp/fc1/kernel`` [W, M]; sharding rules match on them.
@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 Array = jax.Array
@@ -65,17 +66,39 @@ class Dense(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((dout,), jnp.float32)) if use_bias else None
         self.dtype = dtype
 
+    def matmul(self, x: Array) -> Array:
+        """x: [..., din] -> x @ kernel as [T, dout] (T = prod of the leading axes), no bias."""
+        return x.reshape(-1, x.shape[-1]).astype(self.dtype) @ self.kernel[...].astype(self.dtype)
+
     def __call__(self, x: Array) -> Array:
         """x: [..., din] -> [..., dout] in the compute dtype."""
-        y = x.reshape(-1, x.shape[-1]).astype(self.dtype) @ self.kernel[...].astype(self.dtype)
+        y = self.matmul(x)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-def layer_norm(width: int, *, dtype: Any, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    """LayerNorm (eps 1e-6) whose mean/variance are computed in float32 whatever ``dtype``."""
-    return nnx.LayerNorm(width, epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+class LayerNorm(nnx.Module):
+    """LayerNorm over the last axis, eps 1e-6, params ``scale`` [W] and ``bias`` [W] (float32).
+
+    y = (x - mean) / sqrt(var + eps) * scale + bias, with mean and var computed in float32 from
+    the centred values (stable in bf16 compute). Written out rather than nnx.LayerNorm because
+    that one multiplies by rsqrt(var + eps) * scale, a [..., W] product XLA:CPU materialises as
+    an extra full-size array per norm for the backward pass; here the per-row statistic and the
+    per-feature scale are applied separately.
+    """
+
+    def __init__(self, width: int, *, dtype: Any, eps: float = 1e-6):
+        self.scale = nnx.Param(jnp.ones((width,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((width,), jnp.float32))
+        self.dtype, self.eps = dtype, eps
+
+    def __call__(self, x: Array) -> Array:
+        """x: [..., W] -> [..., W] in the compute dtype."""
+        x32 = x.astype(jnp.float32)
+        centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+        rstd = jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + self.eps)
+        return ((centred * rstd) * self.scale[...] + self.bias[...]).astype(self.dtype)
 
 
 def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None = None) -> Array:
@@ -141,6 +164,43 @@ class CrossAttention(nnx.Module):
         return self.out(y.reshape(b, nq, w))
 
 
+def _gelu_tanh(u: Array) -> tuple[Array, Array]:
+    """GELU, tanh approximation, and its derivative (Hendrycks & Gimpel 2016):
+    g(u) = u/2 (1 + t),  t = tanh(c (u + 0.044715 u^3)),  c = sqrt(2 / pi);
+    g'(u) = (1 + t)/2 + u/2 (1 - t^2) c (1 + 3 * 0.044715 u^2)."""
+    c, a = (2 / np.pi) ** 0.5, 0.044715
+    t = jnp.tanh(c * (u + a * u**3))
+    return 0.5 * u * (1 + t), 0.5 * (1 + t) + 0.5 * u * (1 - t * t) * c * (1 + 3 * a * u * u)
+
+
+@jax.custom_vjp
+def bias_gelu(z: Array, bias: Array) -> Array:
+    """gelu_tanh(z + bias) for z [T, H] in the compute dtype and a float32 bias [H].
+
+    Same values and gradients as ``jax.nn.gelu(z + bias, approximate=True)``; only the saved
+    state differs. Autodiff keeps tanh(...) as a residual, which XLA:CPU writes out as an extra
+    [T, H] array in the forward pass and reads back in the backward pass. Here the backward
+    pass recomputes it from z and the bias, which exist anyway (the fc1 matmul output and the
+    parameter), so the forward is one pass over [T, H] and the backward one more.
+    """
+    return _gelu_tanh(z + bias.astype(z.dtype))[0]
+
+
+def _bias_gelu_fwd(z, bias):
+    return bias_gelu(z, bias), (z, bias)
+
+
+def _bias_gelu_bwd(res, g):
+    # The barrier keeps XLA from merging (CSE) the recomputed tanh with the forward one, which
+    # would bring the saved [T, H] array back.
+    z, bias = jax.lax.optimization_barrier(res)
+    dz = g * _gelu_tanh(z + bias.astype(z.dtype))[1]
+    return dz, jnp.sum(dz, axis=0, dtype=jnp.float32).astype(bias.dtype)
+
+
+bias_gelu.defvjp(_bias_gelu_fwd, _bias_gelu_bwd)
+
+
 class Mlp(nnx.Module):
     """fc1 -> GELU (tanh approximation, as in big_vision's default) -> fc2."""
 
@@ -149,16 +209,18 @@ class Mlp(nnx.Module):
         self.fc2 = Dense(hidden, width, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: Array) -> Array:
-        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
+        """x: [..., W] -> [..., W]."""
+        h = bias_gelu(self.fc1.matmul(x), self.fc1.bias[...])  # [T, hidden]
+        return self.fc2(h).reshape(x.shape)
 
 
 class EncoderBlock(nnx.Module):
     """Pre-LN transformer block: x + attn(ln1(x)); x + mlp(ln2(x))."""
 
     def __init__(self, width: int, num_heads: int, mlp_ratio: int, *, dtype: Any, rngs: nnx.Rngs):
-        self.ln1 = layer_norm(width, dtype=dtype, rngs=rngs)
+        self.ln1 = LayerNorm(width, dtype=dtype)
         self.attn = SelfAttention(width, num_heads, dtype=dtype, rngs=rngs)
-        self.ln2 = layer_norm(width, dtype=dtype, rngs=rngs)
+        self.ln2 = LayerNorm(width, dtype=dtype)
         self.mlp = Mlp(width, mlp_ratio * width, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: Array, mask: Array | None = None) -> Array:

@@ -93,7 +93,7 @@ class TextTransformer(nnx.Module):
         self.blocks = layers.encoder_blocks(
             width, depth, num_heads, mlp_ratio, dtype=dtype, rngs=rngs
         )
-        self.norm = layers.layer_norm(width, dtype=dtype, rngs=rngs)
+        self.norm = layers.LayerNorm(width, dtype=dtype)
         self.proj = layers.Dense(width, embed_dim, use_bias=False, dtype=dtype, rngs=rngs)
 
     def token_features(self, tokens: Array) -> Array:

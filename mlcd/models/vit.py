@@ -65,7 +65,7 @@ class MapHead(nnx.Module):
     def __init__(self, width: int, num_heads: int, mlp_ratio: int, *, dtype: Any, rngs: nnx.Rngs):
         self.probe = nnx.Param(nnx.initializers.xavier_uniform()(rngs.params(), (1, 1, width)))
         self.attn = layers.CrossAttention(width, num_heads, dtype=dtype, rngs=rngs)
-        self.norm = layers.layer_norm(width, dtype=dtype, rngs=rngs)
+        self.norm = layers.LayerNorm(width, dtype=dtype)
         self.mlp = layers.Mlp(width, mlp_ratio * width, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: Array) -> Array:
@@ -117,7 +117,7 @@ class ViT(nnx.Module):
         self.blocks = layers.encoder_blocks(
             width, depth, num_heads, mlp_ratio, dtype=dtype, rngs=rngs
         )
-        self.norm = layers.layer_norm(width, dtype=dtype, rngs=rngs)
+        self.norm = layers.LayerNorm(width, dtype=dtype)
         if pool == "map":
             self.map_head = MapHead(width, num_heads, mlp_ratio, dtype=dtype, rngs=rngs)
         self.proj = layers.Dense(width, embed_dim, use_bias=False, dtype=dtype, rngs=rngs)
