@@ -277,6 +277,24 @@ def test_gradients_finite_and_reach_every_block():
             assert np.abs(g).max() > 0, name
 
 
+def test_data_parallel_on_8_devices_matches_one_device():
+    """Batch sharded over 8 fake devices (params replicated): same loss and gradients."""
+    model = build_model(_model_cfg(), rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(2)
+    images = jnp.asarray(rng.normal(size=(8, 16, 16, 3)), jnp.float32)
+    tokens = jnp.asarray(np.concatenate([_tokens(), _tokens(), _tokens()])[:8])
+    graphdef, params = nnx.split(model)
+    step = jax.jit(jax.value_and_grad(lambda p, i, t: _loss(nnx.merge(graphdef, p), i, t)))
+    want = step(params, images, tokens)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",))
+    batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    with jax.set_mesh(mesh):
+        got = step(params, jax.device_put(images, batch), jax.device_put(tokens, batch))
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    for g, w in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1]), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=2e-5)  # summation order
+
+
 def test_bfloat16_compute_close_to_float32():
     f32 = build_model(_model_cfg(), rngs=nnx.Rngs(0))
     bf16 = build_model(_model_cfg(dtype="bfloat16"), rngs=nnx.Rngs(0))

@@ -1,6 +1,6 @@
 """Transformer building blocks shared by the image and text towers.
 
-Parameters are always float32 (``param_dtype``); ``dtype`` is the compute dtype of matmuls and
+Parameters are always float32; ``dtype`` is the compute dtype of matmuls and
 activations. In bfloat16 compute, layer-norm statistics and the attention softmax still run in
 float32 (see ``LayerNorm`` and ``dot_product_attention``).
 
@@ -58,7 +58,7 @@ class Dense(nnx.Module):
     The leading axes are flattened first, so the matmul is a plain 2-D [T, din] @ [din, dout].
     Why: the weight gradient is then x^T g, a 2-D contraction over T that XLA:CPU runs in
     place; for an N-D input the autodiff contraction over (batch, tokens) made XLA copy a
-    transposed [dout, T] activation gradient first (measured in docs/benchmarks.md).
+    transposed [dout, T] activation gradient first (docs/benchmarks.md, "Train step").
     """
 
     def __init__(self, din: int, dout: int, *, dtype: Any, rngs: nnx.Rngs, use_bias: bool = True):
@@ -81,11 +81,10 @@ class Dense(nnx.Module):
 class LayerNorm(nnx.Module):
     """LayerNorm over the last axis, eps 1e-6, params ``scale`` [W] and ``bias`` [W] (float32).
 
-    y = (x - mean) / sqrt(var + eps) * scale + bias, with mean and var computed in float32 from
-    the centred values (stable in bf16 compute). Written out rather than nnx.LayerNorm because
-    that one multiplies by rsqrt(var + eps) * scale, a [..., W] product XLA:CPU materialises as
-    an extra full-size array per norm for the backward pass; here the per-row statistic and the
-    per-feature scale are applied separately.
+    y = (x - mean) / sqrt(var + eps) * scale + bias, mean and var in float32, the variance from
+    the centred values (nnx.LayerNorm's default E[x^2] - E[x]^2 loses precision when |mean| >>
+    std). Written out, the train step also compiles to fewer XLA:CPU kernels (1,082 vs 1,172
+    fusions for the bench-tiny step; no measurable time difference on 2 cores).
     """
 
     def __init__(self, width: int, *, dtype: Any, eps: float = 1e-6):

@@ -40,6 +40,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "B/16": dict(_CLIP, width=512, depth=12, num_heads=8),
     "L/14": dict(_CLIP, width=768, depth=12, num_heads=12),
 }
+# Size-only names: B/32 and B/16 (and S/16, L/14) share their text tower.
+VARIANTS.update(S=VARIANTS["S/16"], B=VARIANTS["B/16"], L=VARIANTS["L/14"])
 
 
 def first_eos_index(tokens: Array, eos_id: int) -> Array:

@@ -24,7 +24,7 @@ POOLS = ("cls", "gap", "map")
 # B = 768 x 12 x 12, L = 1024 x 24 x 16; MLP ratio 4.
 _BASE = dict(image_size=224, mlp_ratio=4, pool="cls")
 VARIANTS: dict[str, dict[str, Any]] = {
-    # CPU try-out: 64 px / patch 8 = 64 patches + cls; trains at a few hundred images/s on 2 cores.
+    # CPU try-out: 64 px / patch 8 = 64 patches + cls; ~130 images/s per train step on 2 cores.
     "tiny": dict(_BASE, image_size=64, patch_size=8, width=128, depth=4, num_heads=4),
     # The fixed shape that bench/train_step.py measures (see docs/benchmarks.md).
     "bench-tiny": dict(_BASE, image_size=64, patch_size=8, width=192, depth=6, num_heads=3),
@@ -37,9 +37,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 class PatchEmbed(nnx.Module):
     """Non-overlapping P x P patches -> W features: a stride-P 'VALID' convolution, computed as
-    one [B * N, P * P * 3] @ [P * P * 3, W] matmul. (XLA:CPU runs the strided convolution and
-    its weight gradient ~10x slower than the equivalent matmul; the kernel keeps the
-    convolution's [P, P, 3, W] layout so checkpoints stay interchangeable.)"""
+    one [B * N, P * P * 3] @ [P * P * 3, W] matmul. (On XLA:CPU the strided convolution plus
+    its kernel gradient took ~1.5x the matmul's time; the kernel keeps the convolution's
+    [P, P, 3, W] layout so checkpoints stay interchangeable.)"""
 
     def __init__(self, patch_size: int, width: int, *, dtype: Any, rngs: nnx.Rngs):
         self.patch_size, self.dtype = patch_size, dtype
@@ -101,12 +101,8 @@ class ViT(nnx.Module):
             raise ValueError(
                 f"image_size {image_size} is not a multiple of patch_size {patch_size}."
             )
-        self.image_size, self.patch_size, self.pool, self.dtype = (
-            image_size,
-            patch_size,
-            pool,
-            dtype,
-        )
+        self.image_size, self.patch_size = image_size, patch_size
+        self.pool, self.dtype = pool, dtype
         self.patch_embed = PatchEmbed(patch_size, width, dtype=dtype, rngs=rngs)
         num_tokens = (image_size // patch_size) ** 2 + (pool == "cls")
         if pool == "cls":
@@ -133,9 +129,10 @@ class ViT(nnx.Module):
                 f"images must be [B, {self.image_size}, {self.image_size}, 3], got {images.shape}."
             )
         x = self.patch_embed(images)
-        b, _, w = x.shape
         if self.pool == "cls":
-            cls = jnp.broadcast_to(self.cls[...], (b, 1, w)).astype(x.dtype)
+            # zeros_like(x[:, :1]) + cls rather than broadcast_to: the cls column then carries
+            # x's batch sharding, which concatenate needs on an Explicit-axes mesh.
+            cls = jnp.zeros_like(x[:, :1]) + self.cls[...].astype(x.dtype)
             x = jnp.concatenate([cls, x], axis=1)
         x = x + self.pos_embed[...].astype(x.dtype)
         for block in self.blocks:
