@@ -30,7 +30,9 @@ from mlcd.export import load_encoder, read_export_meta, restore_run_params
 DEFAULT_EVALS = ("zeroshot", "retrieval")
 
 
-def _encoder_from_run(workdir: str, step: int | None) -> tuple[Encoder, dict[str, Any]]:
+def _encoder_from_run(
+    workdir: str, step: int | None, batch_size: int = 256
+) -> tuple[Encoder, dict[str, Any]]:
     """Encoder over a run's checkpoint (its config.json is already resolved by the trainer)."""
     config, graphdef, params, step = restore_run_params(workdir, step)
     tokenizer = load_tokenizer(config.tokenizer) if config.model.get("text") else None
@@ -41,8 +43,26 @@ def _encoder_from_run(workdir: str, step: int | None) -> tuple[Encoder, dict[str
         tokenizer=tokenizer,
         context_length=config.pp.context_length,
         mesh=sharding.make_mesh((("data", -1),)),
+        batch_size=batch_size,
     )
     return encoder, {"data": config.data.to_dict(), "evals": config.evals.to_dict(), "step": step}
+
+
+def load_model(
+    checkpoint: str | None = None,
+    workdir: str | None = None,
+    step: int | None = None,
+    batch_size: int = 256,
+) -> tuple[Encoder, dict[str, Any]]:
+    """(encoder, spec) of an export directory (`checkpoint`) or a training run (`workdir`, at
+    checkpoint `step`, default the latest); exactly one of the two. spec = {'data': the
+    dataset it was trained on, 'evals': its config.evals, 'step': the checkpoint step}.
+    `batch_size`: images / texts per jitted call of the encoder."""
+    if (checkpoint is None) == (workdir is None):
+        raise ValueError("give exactly one of an export directory or a training workdir")
+    if checkpoint is not None:
+        return load_encoder(checkpoint, batch_size), read_export_meta(checkpoint)
+    return _encoder_from_run(workdir, step, batch_size)
 
 
 def resolve_eval(name: str, configured: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -94,10 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="JSON file for the flat metrics")
     args = parser.parse_args(argv)
     try:
-        if args.checkpoint:
-            encoder, spec = load_encoder(args.checkpoint), read_export_meta(args.checkpoint)
-        else:
-            encoder, spec = _encoder_from_run(args.workdir, args.step)
+        encoder, spec = load_model(args.checkpoint, args.workdir, args.step)
         if args.out and args.workdir:
             ckpt_dir = os.path.abspath(os.path.join(args.workdir, "checkpoints"))
             if os.path.abspath(args.out).startswith(ckpt_dir + os.sep):

@@ -1,0 +1,289 @@
+"""Clustering for MLCD labels.
+
+    python -m mlcd.cluster --config configs/cluster.py:PRESET [--config.key=value ...]
+
+Embeds every example of config.data.split with a teacher encoder (an export, or a training
+run's checkpoint), runs spherical k-means on the L2-normalised embeddings into
+config.kmeans.num_centers centers, and gives every example its config.assign.top_l nearest
+centers. Writes to config.out_dir (formats: mlcd/clustering/store.py):
+
+    centroids.npy   float32 [C, D], unit rows
+    labels.npz      ids str [N] (the dataset's 'id'), labels int32 [N, l] (best first),
+                    similarities float32 [N, l]
+    clusters.png    cluster sizes, similarities, k-means objective
+    clusters.json   written last, {"complete": true, ...}: trust the directory only then
+
+Re-running the same command resumes after a crash from the last complete embedding shard,
+k-means block (config.kmeans.save_every iterations) or assignment shard, and gives the same
+files as an uninterrupted run. A different config on resume is refused, naming the key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import tensorflow_datasets as tfds
+
+from configs import common as config_lib
+from input_pipeline import datasets
+from mlcd import evaluate, export, sharding
+from mlcd.clustering import pipeline, store
+from mlcd.clustering.kmeans import BACKENDS
+from mlcd.encoder import Encoder
+
+log = logging.getLogger("mlcd.cluster")
+
+FEATURES = ("image", "image_text_mean")
+# Keys that change neither the outputs nor their meaning: they may differ on resume.
+RUNTIME_KEYS = ("out_dir", "verbose", "data.num_threads")
+
+
+def _teacher(config: ml_collections.ConfigDict) -> tuple[str, str]:
+    """('export' | 'workdir', path) of config.teacher; an empty string counts as unset."""
+    given = [(k, config.teacher[k]) for k in ("export", "workdir") if config.teacher[k]]
+    if len(given) != 1:
+        raise ValueError(
+            "config.teacher: set exactly one of teacher.export (an export directory) and "
+            f"teacher.workdir (a training run); got {dict(given) or 'neither'} "
+            "(unset one with --config.teacher.workdir= )"
+        )
+    if given[0][0] == "export" and config.teacher.step is not None:
+        raise ValueError("config.teacher.step applies to teacher.workdir only, not to an export")
+    return given[0]
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """ValueError naming the config key of the first invalid value (no file is read)."""
+    _teacher(config)
+    positive = {
+        "embed.shard_size": config.embed.shard_size,
+        "embed.batch_size": config.embed.batch_size,
+        "kmeans.num_centers": config.kmeans.num_centers,
+        "kmeans.iterations": config.kmeans.iterations,
+        "kmeans.save_every": config.kmeans.save_every,
+        "assign.top_l": config.assign.top_l,
+        "assign.chunk_size": config.assign.chunk_size,
+        "data.num_threads": config.data.num_threads,
+    }
+    if config.kmeans.chunk_size is not None:
+        positive["kmeans.chunk_size"] = config.kmeans.chunk_size
+    for key, value in positive.items():
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"config.{key}={value!r} must be a positive integer")
+    if config.embed.features not in FEATURES:
+        raise ValueError(f"config.embed.features={config.embed.features!r}: one of {FEATURES}")
+    if config.kmeans.backend not in BACKENDS:
+        raise ValueError(f"config.kmeans.backend={config.kmeans.backend!r}: one of {BACKENDS}")
+    if config.kmeans.backend == "faiss" and config.kmeans.chunk_size is not None:
+        raise ValueError("config.kmeans.backend='faiss' holds all rows in memory: unset chunk_size")
+    if config.assign.top_l > config.kmeans.num_centers:
+        raise ValueError(
+            f"config.assign.top_l={config.assign.top_l} exceeds "
+            f"config.kmeans.num_centers={config.kmeans.num_centers}"
+        )
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+def prepare_out_dir(out_dir: str, config: ml_collections.ConfigDict) -> None:
+    """Creates out_dir with cluster_config.json, or checks that a resumed run has the same
+    config (up to RUNTIME_KEYS); removes temporary files of a crashed run."""
+    path = os.path.join(out_dir, store.CONFIG_FILE)
+    # A JSON round trip makes tuples lists, as in the stored file.
+    now = json.loads(config.to_json())
+    if os.path.exists(path):
+        with open(path) as f:
+            before = _flat(json.load(f))
+        flat_now = _flat(now)
+        for key in sorted(set(before) | set(flat_now)):
+            if key not in RUNTIME_KEYS and before.get(key) != flat_now.get(key):
+                raise ValueError(
+                    f"config.{key}={flat_now.get(key)!r} differs from {before.get(key)!r} in "
+                    f"{path}: resume with the same config, or use a new config.out_dir"
+                )
+    elif os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise ValueError(
+            f"config.out_dir={out_dir} is not empty and has no {store.CONFIG_FILE}: "
+            "refusing to write clustering outputs into it"
+        )
+    else:
+        os.makedirs(out_dir, exist_ok=True)
+        store.save_json(path, now)
+    for sub in (store.EMBEDDINGS_DIR, store.ASSIGN_DIR):
+        os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
+    store.remove_stale_temporaries(out_dir)
+
+
+def open_split(config: ml_collections.ConfigDict):
+    """(builder, random-access source of config.data.split with undecoded images)."""
+    data = config.data
+    builder = datasets.get_builder(data.name, data.data_dir, **data.build.to_dict())
+    features = builder.info.features
+    needed = {"id": "data.name", "image": "data.name"}
+    if config.embed.features == "image_text_mean":
+        needed[data.caption_key] = "data.caption_key"
+    for feature, key in needed.items():
+        if feature not in features:
+            raise ValueError(
+                f"config.{key}: dataset {builder.name!r} has no feature {feature!r} "
+                f"(features: {sorted(features)})"
+            )
+    try:
+        source = builder.as_data_source(
+            split=data.split, decoders={"image": tfds.decode.SkipDecoding()}
+        )
+    except ValueError as e:
+        raise ValueError(f"config.data.split={data.split!r}: {e}") from e
+    return builder, source
+
+
+def check_teacher_files(config: ml_collections.ConfigDict) -> None:
+    """FileNotFoundError / ValueError naming the key unless the teacher looks complete (cheap:
+    reads export.json or the run's config.json; the parameters load when embedding starts)."""
+    kind, path = _teacher(config)
+    try:
+        if kind == "export":
+            export.read_export_meta(path)
+        else:
+            export.load_run_config(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise type(e)(f"config.teacher.{kind}={path}: {e}") from e
+
+
+def _load_teacher(config: ml_collections.ConfigDict) -> tuple[Encoder, dict[str, Any]]:
+    kind, path = _teacher(config)
+    try:
+        encoder, spec = evaluate.load_model(
+            **{"checkpoint" if kind == "export" else "workdir": path},
+            step=config.teacher.step,
+            batch_size=config.embed.batch_size,
+        )
+        if config.embed.features == "image_text_mean":
+            encoder.embed_texts(["a"])  # raises if the teacher has no text tower
+    except (FileNotFoundError, ValueError) as e:
+        raise type(e)(f"config.teacher.{kind}={path}: {e}") from e
+    return encoder, {"kind": kind, "path": os.path.abspath(path), "step": int(spec["step"])}
+
+
+def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Runs (or resumes) every stage; returns the contents of clusters.json."""
+    check_config(config)
+    if jax.process_count() > 1:
+        # Every stage writes its files from one process; the teacher uses all local devices.
+        raise ValueError("python -m mlcd.cluster runs in a single process (one host)")
+    out_dir = os.path.abspath(config.out_dir)
+    mesh = sharding.make_mesh(config.mesh)
+    num_centers, top_l = int(config.kmeans.num_centers), int(config.assign.top_l)
+    if num_centers % mesh.size:
+        raise ValueError(
+            f"config.kmeans.num_centers={num_centers} must be divisible by the {mesh.size} "
+            f"devices of config.mesh={config.mesh}: the centers are sharded over all of them"
+        )
+    check_teacher_files(config)
+    builder, source = open_split(config)
+    if not num_centers <= len(source):
+        raise ValueError(
+            f"config.kmeans.num_centers={num_centers} exceeds the {len(source)} examples of "
+            f"{builder.name} split {config.data.split!r}"
+        )
+    prepare_out_dir(out_dir, config)
+    meta_path = os.path.join(out_dir, store.META_FILE)
+    if os.path.exists(meta_path):
+        log.info("%s is complete; nothing to do", out_dir)
+        with open(meta_path) as f:
+            return json.load(f)
+
+    with jax.set_mesh(mesh):
+        emb = pipeline.embed(config, out_dir, source, lambda: _load_teacher(config))
+        centroids, objective = pipeline.run_kmeans(config, out_dir, emb)
+        pipeline.assign(config, out_dir, emb, centroids)
+    if not os.path.exists(os.path.join(out_dir, store.LABELS_FILE)):
+        pipeline.write_labels(out_dir, emb, top_l)
+    stats = pipeline.label_stats(out_dir, len(emb.paths), num_centers)
+    pipeline.plot(os.path.join(out_dir, store.PLOT_FILE), stats, objective, top_l)
+    with open(os.path.join(out_dir, store.EMBEDDINGS_DIR, pipeline.TEACHER_FILE)) as f:
+        teacher = json.load(f)
+    meta = {
+        "num_centers": num_centers,
+        "top_l": top_l,
+        "embed_dim": emb.shape[1],
+        "num_examples": len(emb),
+        "teacher": teacher["path"],
+        "teacher_kind": teacher["kind"],
+        "teacher_step": teacher["step"],
+        "dataset": config.data.name,
+        "dataset_full_name": builder.info.full_name,
+        "split": config.data.split,
+        "features": config.embed.features,
+        "kmeans_objective": objective,
+        "empty_clusters": int((stats["sizes"] == 0).sum()),
+        "largest_cluster": int(stats["sizes"].max()),
+        "mean_top1_similarity": stats["mean_top1_similarity"],
+        "complete": True,
+    }
+    store.save_json(meta_path, meta)  # last: it marks the directory complete
+    return meta
+
+
+def format_report(meta: dict[str, Any], out_dir: str) -> str:
+    rows = [
+        ("examples", meta["num_examples"]),
+        ("centers", meta["num_centers"]),
+        ("top_l", meta["top_l"]),
+        ("embed_dim", meta["embed_dim"]),
+        ("k-means objective (mean cos)", f"{meta['kmeans_objective'][-1]:.4f}"),
+        ("empty clusters (top-1)", meta["empty_clusters"]),
+        ("largest cluster (top-1)", meta["largest_cluster"]),
+        ("mean top-1 similarity", f"{meta['mean_top1_similarity']:.4f}"),
+    ]
+    lines = ["", f"{'clustering':<32} {'value':>10}", f"{'-' * 32} {'-' * 10}"]
+    lines += [f"{k:<32} {v!s:>10}" for k, v in rows]
+    files = (store.CENTROIDS_FILE, store.LABELS_FILE, store.PLOT_FILE, store.META_FILE)
+    lines += ["", f"outputs:  {out_dir}", "  " + "    ".join(files)]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    log.setLevel(logging.INFO)
+    logging.getLogger("absl").setLevel(logging.ERROR)  # tfds custom-config notices
+    parser = argparse.ArgumentParser(
+        prog="python -m mlcd.cluster",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", required=True, help="path/to/cluster.py[:preset]")
+    args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    try:
+        config = config_lib.load_config(args.config)
+        config_lib.parse_overrides(config, overrides)
+        meta = run(config)
+    except (KeyError, ValueError, FileNotFoundError) as e:
+        # One clear line; MLCD_TRACEBACK=1 shows where it was raised.
+        if os.environ.get("MLCD_TRACEBACK"):
+            raise
+        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 2
+    print(format_report(meta, os.path.abspath(config.out_dir)))
+    return 0
+
+
+if __name__ == "__main__":
+    from mlcd.train import enable_compilation_cache
+
+    # Here, not in main(): the persistent cache is process-wide state that callers (tests) own.
+    enable_compilation_cache()
+    sys.exit(main())
