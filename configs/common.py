@@ -30,6 +30,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.total_steps = 1000
     c.batch_size = 256  # global batch, split over all devices
+    # Gradient accumulation: the step's batch in this many sequential slices, for memory. Only
+    # for per-example objectives (MLCD, MOFI classifier); in-batch contrastive ones refuse > 1.
+    c.microbatches = 1
     # Mesh axes (name, size); one size may be -1 ("all remaining devices").
     c.mesh = (("data", -1), ("model", 1))
     # (regex over parameter paths such as 'image/blocks/0/mlp/fc1/kernel', spec) pairs, first

@@ -1,9 +1,10 @@
-"""Training input pipeline: tfds data source -> grain -> host batches of uint8 images + tokens.
+"""Training input pipeline: tfds data source -> grain -> host batches of uint8 images + tokens
+(+ cluster labels).
 
     source[process_index::process_count]      per-host shard (disjoint examples per host)
       .shuffle(seed).repeat()                 a fresh permutation every epoch
       .random_map(decode, crop, flip)         randomness seeded by (seed, element index)
-      -> iter: filter bad examples, batch(host_batch), tokenize
+      -> iter: filter bad examples, batch(host_batch), tokenize, join labels by id
 
 Every random choice is a function of (seed, position in the stream), so the only state needed
 to resume exactly is the iterator position, which `get_state()` returns (grain accounts for
@@ -22,6 +23,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from input_pipeline import preprocess
+from input_pipeline.labels import ClusterLabels
 from input_pipeline.tokenizers import Tokenizer
 
 
@@ -41,13 +43,18 @@ class _TrainExample(grain.transforms.RandomMap):
     """Decodes and augments one example; returns None (dropped downstream) if undecodable."""
 
     def __init__(
-        self, pp: ml_collections.ConfigDict, text_keys: tuple[str, ...], skipped: _SkipCounter
+        self,
+        pp: ml_collections.ConfigDict,
+        text_keys: tuple[str, ...],
+        skipped: _SkipCounter,
+        keep_id: bool,
     ):
         self._size = int(pp.image_size)
         self._scale = tuple(pp.crop_scale)
         self._flip = bool(pp.flip)
         self._text_keys = text_keys
         self._skipped = skipped
+        self._keep_id = keep_id
 
     def random_map(self, example: dict[str, Any], rng: np.random.Generator) -> dict | None:
         try:
@@ -59,9 +66,13 @@ class _TrainExample(grain.transforms.RandomMap):
         image = preprocess.random_resized_crop(image, self._size, rng, scale=self._scale)
         if self._flip:
             image = preprocess.random_flip(image, rng)
-        key = self._text_keys[int(rng.integers(len(self._text_keys)))]
-        text = example[key]
-        return {"image": np.ascontiguousarray(image), "text": _to_str(text)}
+        out = {"image": np.ascontiguousarray(image)}
+        if self._text_keys:
+            key = self._text_keys[int(rng.integers(len(self._text_keys)))]
+            out["text"] = _to_str(example[key])
+        if self._keep_id:
+            out["id"] = _to_str(example["id"])
+        return out
 
 
 def _to_str(text: bytes | str | np.ndarray) -> str:
@@ -71,7 +82,9 @@ def _to_str(text: bytes | str | np.ndarray) -> str:
 
 
 class TrainIterator:
-    """Infinite iterator over host batches {'image': uint8 [b,S,S,3], 'tokens': int32 [b,L]}.
+    """Infinite iterator over host batches {'image': uint8 [b,S,S,3], 'tokens': int32 [b,L]
+    (unless config.data.text_keys is empty: image-only models), 'cluster_labels': int32
+    [b, l] (when config.data.labels names a cluster output; -1 pads)}.
 
     `get_state()` / `set_state()` checkpoint the position; `skipped` counts dropped examples.
     """
@@ -80,7 +93,7 @@ class TrainIterator:
         self,
         builder: tfds.core.DatasetBuilder,
         config: ml_collections.ConfigDict,
-        tokenizer: Tokenizer,
+        tokenizer: Tokenizer | None,
         *,
         host_batch_size: int,
         process_index: int = 0,
@@ -99,8 +112,21 @@ class TrainIterator:
                     f"config.data.text_keys: {key!r} is not a feature of {builder.name} "
                     f"(features: {sorted(builder.info.features)})"
                 )
-        if not text_keys:
-            raise ValueError("config.data.text_keys is empty")
+        if text_keys and tokenizer is None:
+            raise ValueError(
+                f"config.data.text_keys={text_keys}: the model has no text tower to read them; "
+                "set config.data.text_keys=()"
+            )
+        labels = None
+        if data.get("labels"):
+            if "id" not in builder.info.features:
+                raise ValueError(
+                    f"config.data.labels: dataset {builder.name} has no 'id' feature to join "
+                    "cluster labels on"
+                )
+            if not config.model.get("num_centers"):
+                raise ValueError("config.data.labels is set but config.model.num_centers is not")
+            labels = ClusterLabels(data.labels, config.model.num_centers, data.get("top_l"))
         # Raw bytes: we decode ourselves so that a corrupt image drops one example, not the run.
         source = builder.as_data_source(
             split=data.split, decoders={"image": tfds.decode.SkipDecoding()}
@@ -116,22 +142,25 @@ class TrainIterator:
             grain.MapDataset.source(source)[process_index::process_count]
             .shuffle(seed=config.seed)
             .repeat(None)
-            .random_map(_TrainExample(config.pp, text_keys, self.skipped_counter), seed=config.seed)
+            .random_map(
+                _TrainExample(config.pp, text_keys, self.skipped_counter, labels is not None),
+                seed=config.seed,
+            )
         )
         options = grain.ReadOptions(
             num_threads=data.num_threads, prefetch_buffer_size=data.prefetch
         )
-        ids = (
-            ds.to_iter_dataset(options)
-            .batch(host_batch_size, drop_remainder=True)
-            .map(
-                lambda b: {
-                    "image": b["image"],
-                    "tokens": tokenizer.encode([str(t) for t in b["text"]], context_length),
-                }
-            )
-        )
-        self._it = iter(ids)
+
+        def finish(b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            out = {"image": b["image"]}
+            if text_keys:
+                out["tokens"] = tokenizer.encode([str(t) for t in b["text"]], context_length)
+            if labels is not None:
+                out["cluster_labels"] = labels.labels_for(b["id"])
+            return out
+
+        batches = ds.to_iter_dataset(options).batch(host_batch_size, drop_remainder=True)
+        self._it = iter(batches.map(finish))
 
     @property
     def skipped(self) -> int:

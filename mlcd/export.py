@@ -22,7 +22,6 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -32,7 +31,8 @@ from input_pipeline.tokenizers import load_tokenizer
 from mlcd import optim, sharding, tree_utils
 from mlcd.checkpoint import Checkpointer
 from mlcd.encoder import Encoder
-from mlcd.train import abstract_model
+from mlcd.models import encoder_config
+from mlcd.train import abstract_model, abstract_state
 
 FORMAT = "mlcd-encoder/1"
 EXPORT_FILE = "export.json"
@@ -77,12 +77,6 @@ def restore_run_params(workdir: str, step: int | None = None):
     config = load_run_config(workdir)
     graphdef, abstract_params = abstract_model(config.model)
     tx, _ = optim.make_optimizer(config.optim, abstract_params, config.total_steps)
-    abstract_state = {
-        "params": abstract_params,
-        "opt_state": jax.eval_shape(tx.init, abstract_params),
-        "step": jax.ShapeDtypeStruct((), np.int32),
-        "rng": jax.ShapeDtypeStruct((2,), np.uint32),
-    }
     ckpt = Checkpointer(workdir, read_only=True)
     steps = ckpt.all_steps()
     if not steps:
@@ -91,13 +85,20 @@ def restore_run_params(workdir: str, step: int | None = None):
     if step not in steps:
         raise ValueError(f"--step {step}: no checkpoint at that step in {workdir} (have {steps})")
     mesh = sharding.make_mesh((("data", -1),))
-    state, _ = ckpt.restore(step, _replicated(abstract_state, mesh))
+    state, _ = ckpt.restore(step, _replicated(abstract_state(tx, abstract_params), mesh))
     return config, graphdef, state["params"], step
 
 
 def export(workdir: str, out: str, step: int | None = None) -> str:
-    """Writes the export of `workdir`'s checkpoint at `step` (default: latest) to `out`."""
+    """Writes the export of `workdir`'s checkpoint at `step` (default: latest) to `out`.
+
+    Only the encoder is exported: training-only heads (MLCD's class centers) are left out, of
+    both the parameters and the model config.
+    """
     config, _, params, step = restore_run_params(workdir, step)
+    model_cfg = encoder_config(config.model)
+    _, encoder_params = abstract_model(model_cfg)
+    params = {k: v for k, v in params.items() if k in encoder_params}
     out = os.path.abspath(out)
     tmp = f"{out}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -114,7 +115,7 @@ def export(workdir: str, out: str, step: int | None = None) -> str:
         "format": FORMAT,
         "step": int(step),
         "source_workdir": os.path.abspath(workdir),
-        "model": config.model.to_dict(),
+        "model": model_cfg,
         "preprocess": {
             "image_size": int(config.pp.image_size),
             "resize": "shorter side to image_size (bicubic), then center crop",

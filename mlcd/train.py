@@ -66,29 +66,146 @@ def abstract_model(model_cfg: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, 
 
 
 def init_params(model_cfg: ml_collections.ConfigDict, seed: int, shardings: Any) -> Any:
-    """Parameters created directly with their final sharding (no host ever holds them whole)."""
+    """Parameters created directly with their final sharding (no host ever holds them whole).
+
+    With model_cfg.centers_init set, the class centers are then replaced by that file's rows
+    (see load_centers).
+    """
 
     @jax.jit
     def init():
         model = build_model(model_cfg, rngs=nnx.Rngs(seed))
         return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
-    return jax.jit(init, out_shardings=shardings)()
+    params = jax.jit(init, out_shardings=shardings)()
+    if model_cfg.get("centers_init"):
+        params["centers"] = load_centers(
+            model_cfg.centers_init, params["centers"].shape, shardings["centers"]
+        )
+    return params
 
 
-def make_train_step(graphdef, objective, tx, schedule, state_shardings, batch_sharding, mesh):
-    """Jitted (state, batch) -> (state, metrics); the input state's buffers are donated."""
+def load_centers(
+    path: str, shape: tuple[int, ...], out_sharding: jax.sharding.Sharding
+) -> jax.Array:
+    """float32 `shape` [C, E] array from a .npy file (config.model.centers_init, e.g. the
+    centroids.npy of python -m mlcd.cluster), placed with `out_sharding`.
+
+    The file is memory-mapped and each process reads only the rows its devices hold: 1M x 768
+    float32 centers are 3 GB, which no host needs whole. Rows are used as stored (spherical
+    k-means centroids are unit-norm; the loss normalises anyway).
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config.model.centers_init={path!r}: no such file")
+    data = np.load(path, mmap_mode="r")
+    if data.shape != tuple(shape):
+        raise ValueError(
+            f"config.model.centers_init={path!r} holds an array of shape {data.shape}, but the "
+            f"model's centers are {tuple(shape)} (config.model.num_centers, "
+            "config.model.embed_dim)"
+        )
+    return jax.make_array_from_callback(
+        tuple(shape), out_sharding, lambda index: np.asarray(data[index], np.float32)
+    )
+
+
+def abstract_state(tx: optax.GradientTransformation, abstract_params: Any) -> dict[str, Any]:
+    """The train state {params, opt_state, step, rng} as ShapeDtypeStructs, allocating nothing."""
+    return {
+        "params": abstract_params,
+        "opt_state": jax.eval_shape(tx.init, abstract_params),
+        "step": jax.ShapeDtypeStruct((), jnp.int32),
+        "rng": jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))),
+    }
+
+
+def state_shardings(
+    tx: optax.GradientTransformation, abstract_params: Any, param_shardings: Any, mesh
+) -> dict[str, Any]:
+    """NamedShardings of the train state: optimizer moments take their parameter's sharding
+    (so a center row's Adam state lives on the device that owns the row); the rest, including
+    step and rng, is replicated."""
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return {
+        "params": param_shardings,
+        "opt_state": optax.tree_map_params(
+            tx,
+            lambda _, s: s,
+            jax.eval_shape(tx.init, abstract_params),
+            param_shardings,
+            transform_non_params=lambda _: replicated,
+        ),
+        "step": replicated,
+        "rng": replicated,
+    }
 
-    def step_fn(state, batch):
-        rng, step_rng = jax.random.split(jax.random.wrap_key_data(state["rng"]))
+
+def init_state(
+    model_cfg: ml_collections.ConfigDict, seed: int, tx: optax.GradientTransformation, shardings
+) -> dict[str, Any]:
+    """The initial train state, every array created directly with `shardings` (state_shardings).
+
+    Call under jax.set_mesh(mesh).
+    """
+    params = init_params(model_cfg, seed, shardings["params"])
+    return {
+        "params": params,
+        "opt_state": jax.jit(tx.init, out_shardings=shardings["opt_state"])(params),
+        "step": jax.device_put(jnp.zeros((), jnp.int32), shardings["step"]),
+        "rng": jax.device_put(jax.random.key_data(jax.random.key(seed + 1)), shardings["rng"]),
+    }
+
+
+def make_train_step(
+    graphdef, objective, tx, schedule, state_shardings, batch_sharding, mesh, microbatches=1
+):
+    """Jitted (state, batch) -> (state, metrics); the input state's buffers are donated.
+
+    microbatches = k > 1 computes the gradient in k sequential slices of the batch (a lax.scan
+    accumulating the sum), so activations take 1/k of the memory for the same update. Only
+    for objectives whose loss is a mean of per-example terms (`objective.per_example`, e.g.
+    MLCD: all slices share the step's rng, hence its sampled negatives): the loss and
+    gradient are then the full batch's. In-batch contrastive losses are refused: a slice would
+    see only B/k negatives.
+    """
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    if microbatches > 1 and not getattr(objective, "per_example", False):
+        raise ValueError(
+            f"config.microbatches={microbatches}: objective {type(objective).__name__} compares "
+            "examples across the batch, so a microbatch would change its loss; use 1"
+        )
+
+    def grads_of(params, batch, step_rng):
         images = preprocess.normalize_images(batch["image"])
 
         def loss_fn(params):
             out = nnx.merge(graphdef, params)(images, batch.get("tokens"))
             return objective(out, batch, step_rng)
 
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+    def accumulated_grads_of(params, batch, step_rng):
+        # Microbatch j = rows j, j + k, j + 2k, ...: every device keeps B / (k N) of its own
+        # rows in each slice, so splitting moves no data.
+        micro = jax.tree.map(
+            lambda x: jnp.swapaxes(x.reshape(-1, microbatches, *x.shape[1:]), 0, 1), batch
+        )
+
+        def body(total, mb):
+            value, grads = grads_of(params, mb, step_rng)
+            # Gradients summed in the parameters' own layout (FSDP: reduce-scattered per slice).
+            grads = jax.lax.with_sharding_constraint(grads, state_shardings["params"])
+            return jax.tree.map(jnp.add, total, (value, grads)), None
+
+        first = jax.tree.map(lambda x: x[0], micro)
+        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grads_of, params, first, step_rng))
+        total, _ = jax.lax.scan(body, zeros, micro)
+        return jax.tree.map(lambda x: x / microbatches, total)
+
+    def step_fn(state, batch):
+        rng, step_rng = jax.random.split(jax.random.wrap_key_data(state["rng"]))
+        compute = grads_of if microbatches == 1 else accumulated_grads_of
+        (loss, aux), grads = compute(state["params"], batch, step_rng)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         new_state = {
             "params": optax.apply_updates(state["params"], updates),
@@ -161,6 +278,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         initialize_distributed(config.distributed)
     mesh = sharding.make_mesh(config.mesh)
     sharding.check_batch_divisible(config.batch_size, mesh, "config.batch_size")
+    microbatches = config.microbatches
+    if config.batch_size % (microbatches * mesh.size):
+        raise ValueError(
+            f"config.batch_size={config.batch_size} does not split into config.microbatches="
+            f"{microbatches} slices over {mesh.size} devices"
+        )
     if config.batch_size % jax.process_count():
         raise ValueError(
             f"config.batch_size={config.batch_size} is not divisible by {jax.process_count()} hosts"
@@ -179,11 +302,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             get_builder()
         multihost_utils.sync_global_devices("dataset_ready")
     builder = get_builder()
-    tokenizer_path = config.tokenizer or os.path.join(builder.data_dir, "tokenizer.json")
-    tokenizer = load_tokenizer(tokenizer_path)
+    tokenizer = None
+    if config.model.get("text") is not None:  # image-only models (MLCD) need no tokenizer
+        tokenizer_path = config.tokenizer or os.path.join(builder.data_dir, "tokenizer.json")
+        tokenizer = load_tokenizer(tokenizer_path)
+        with config.unlocked():
+            config.tokenizer = os.path.abspath(tokenizer_path)  # config.json names the one used
     config = resolve_model_config(config, tokenizer)
-    with config.unlocked():
-        config.tokenizer = os.path.abspath(tokenizer_path)  # config.json names the one used
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json(indent=2))
@@ -201,32 +326,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     param_shardings = sharding.param_shardings(abstract_params, config.sharding_rules, mesh)
     tx, schedule = optim.make_optimizer(config.optim, abstract_params, config.total_steps)
     objective = objectives.get(config.objective.name)(config.objective)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    shardings = state_shardings(tx, abstract_params, param_shardings, mesh)
     with jax.set_mesh(mesh):
-        params = init_params(config.model, config.seed, param_shardings)
-        # Optimizer moments are created from the sharded params and inherit their layout.
-        opt_state = jax.jit(tx.init)(params)
-        state = {
-            "params": params,
-            "opt_state": opt_state,
-            "step": jax.device_put(jnp.zeros((), jnp.int32), replicated),
-            "rng": jax.device_put(jax.random.key_data(jax.random.key(config.seed + 1)), replicated),
-        }
-    state_shardings = jax.tree.map(lambda x: x.sharding, state)
-    num_params = sum(x.size for x in jax.tree.leaves(params))
+        state = init_state(config.model, config.seed, tx, shardings)
+    num_params = sum(x.size for x in jax.tree.leaves(state["params"]))
 
     # ---- Checkpoint: resume if the workdir has one ------------------------------------------
     ckpt = Checkpointer(workdir, keep=config.keep_ckpts)
     resume_step = ckpt.latest_step()
     if resume_step is not None:
-        state, data_state = ckpt.restore(resume_step, abstract_like(state, state_shardings))
+        state, data_state = ckpt.restore(resume_step, abstract_like(state, shardings))
         train_iter.set_state(data_state)
         logging.info("resumed from step %d", resume_step)
     writer = MetricWriter(workdir, resume_step=resume_step)
 
     # ---- Train step and evaluators ----------------------------------------------------------
     train_step = make_train_step(
-        graphdef, objective, tx, schedule, state_shardings, sharding.batch_sharding(mesh), mesh
+        graphdef,
+        objective,
+        tx,
+        schedule,
+        shardings,
+        sharding.batch_sharding(mesh),
+        mesh,
+        microbatches=microbatches,
     )
     evals = make_evaluators(config, builder, os.path.join(workdir, "eval"))
 

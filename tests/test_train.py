@@ -12,9 +12,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from conftest import tiny_overrides
+from mlcd_fakes import dataset_ids, random_cluster_output
 
+import mlcd
 from configs import common
-from mlcd import train
+from mlcd import export, train
 from mlcd.metrics_writer import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,6 +50,45 @@ def test_tiny_config_trains_two_steps(spec, scenes_dir, tmp_path):
     with open(os.path.join(workdir, "config.json")) as f:
         saved = json.load(f)
     assert saved["objective"]["name"] == _config(spec, []).objective.name
+
+
+def mlcd_overrides(scenes_dir, labels_dir, **extra):
+    """tiny_overrides for configs/mlcd.py:tiny, its labels and centroids from `labels_dir`."""
+    overrides = tiny_overrides(
+        scenes_dir,
+        **{"data.labels": labels_dir, "model.centers_init": f"{labels_dir}/centroids.npy"},
+        **extra,
+    )
+    # Its evaluators are the image-only ones: no grounding entry to switch off.
+    return [o for o in overrides if not o.startswith("--config.evals.grounding.")]
+
+
+def test_mlcd_tiny_trains_two_steps_and_exports_an_image_encoder(
+    scenes_builder, scenes_dir, tmp_path
+):
+    labels_dir = random_cluster_output(
+        str(tmp_path / "clusters"), dataset_ids(scenes_builder), 256, 8, 128
+    )
+    workdir = str(tmp_path / "run")
+    config = _config("configs/mlcd.py:tiny", mlcd_overrides(scenes_dir, labels_dir))
+    train.train_and_evaluate(config, workdir)
+    records = read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    train_records = [r for r in records if "train/loss" in r]
+    assert len(train_records) == 2
+    for r in train_records:
+        assert np.isfinite(r["train/loss"])
+        np.testing.assert_allclose(r["train/loss"], r["train/pos_loss"] + r["train/neg_loss"])
+        assert r["train/num_negatives"] == 256 - 8  # r = 1: every class but the 8 positives
+
+    out = export.export(workdir, str(tmp_path / "export"))
+    assert sorted(os.listdir(out)) == ["export.json", "params"]  # no tokenizer: image-only
+    meta = export.read_export_meta(out)
+    assert "num_centers" not in meta["model"] and "centers_init" not in meta["model"]
+    encoder = mlcd.load_encoder(out)
+    emb = encoder.embed_images(np.zeros((3, 32, 32, 3), np.uint8))["embedding"]
+    assert emb.shape == (3, 128)
+    with pytest.raises(ValueError, match="no text tower"):
+        encoder.embed_texts(["a red circle"])
 
 
 def _run_main(args, env=None):

@@ -1,7 +1,7 @@
 """Flax NNX models: ViT image tower, text transformer, and the two-tower wrapper."""
 
 from mlcd.models.text import TextTransformer, build_text
-from mlcd.models.two_tower import TwoTower, build_model, l2_normalize
+from mlcd.models.two_tower import TwoTower, build_model, encoder_config, l2_normalize
 from mlcd.models.vit import ViT, build_vit
 
 __all__ = [
@@ -11,5 +11,6 @@ __all__ = [
     "build_model",
     "build_text",
     "build_vit",
+    "encoder_config",
     "l2_normalize",
 ]

@@ -1,5 +1,6 @@
 """Two-tower (CLIP / ALIGN / SigLIP) model: an image tower, an optional text tower, and the
-learnable logit scale (and bias) the contrastive losses use."""
+learnable logit scale (and bias) the contrastive losses use. With `num_centers` (MLCD) the model
+also holds a class-center matrix, a training-only head that exports leave out."""
 
 from __future__ import annotations
 
@@ -17,6 +18,18 @@ Array = jax.Array
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
+_TRAINING_ONLY_KEYS = ("num_centers", "centers_init")
+_MODEL_KEYS = (
+    "image",
+    "text",
+    "embed_dim",
+    "logit_scale_init",
+    "logit_bias_init",
+    "max_logit_scale",
+    "dtype",
+    *_TRAINING_ONLY_KEYS,
+)
+
 
 def l2_normalize(x: Array, eps: float = 1e-12) -> Array:
     """x / max(||x||_2, eps) along the last axis (eps keeps the zero vector finite)."""
@@ -25,24 +38,38 @@ def l2_normalize(x: Array, eps: float = 1e-12) -> Array:
 
 class TwoTower(nnx.Module):
     """``image`` (ViT), ``text`` (TextTransformer or None), ``t`` (scalar, log of the logit
-    scale) and ``b`` (scalar logit bias, SigLIP; absent when logit_bias_init is None)."""
+    scale; absent when logit_scale_init is None), ``b`` (scalar logit bias, SigLIP; absent when
+    logit_bias_init is None) and ``centers`` (float32 [C, E] class centers, MLCD; absent when
+    num_centers is None)."""
 
     def __init__(
         self,
         image: ViT,
         text: TextTransformer | None,
         *,
-        logit_scale_init: float,
+        logit_scale_init: float | None,
         logit_bias_init: float | None = None,
         max_logit_scale: float = 100.0,
+        num_centers: int | None = None,
+        embed_dim: int | None = None,
+        rngs: nnx.Rngs | None = None,
     ):
         self.image = image
         self.text = text
-        self.t = nnx.Param(jnp.asarray(logit_scale_init, jnp.float32))
+        if logit_scale_init is not None:
+            self.t = nnx.Param(jnp.asarray(logit_scale_init, jnp.float32))
         if logit_bias_init is not None:
             self.b = nnx.Param(jnp.asarray(logit_bias_init, jnp.float32))
+        self.has_scale = logit_scale_init is not None
         self.has_bias = logit_bias_init is not None
         self.max_logit_scale = max_logit_scale
+        if num_centers is not None:
+            # Rows of norm ~1 (std 1/sqrt(E)), the scale of spherical k-means centroids: the
+            # loss normalises them, but their norm sets how fast AdamW's steps turn them, so
+            # random and centroid initialisations train at the same effective rate.
+            init = nnx.initializers.normal(stddev=embed_dim**-0.5)
+            self.centers = nnx.Param(init(rngs.params(), (num_centers, embed_dim), jnp.float32))
+        self.has_centers = num_centers is not None
 
     def encode_image(self, images: Array) -> dict[str, Array]:
         """images float32 [B, R, R, 3] -> ViT output dict (see ViT.__call__)."""
@@ -56,17 +83,21 @@ class TwoTower(nnx.Module):
 
     def __call__(self, images: Array, tokens: Array | None = None) -> dict[str, Any]:
         """Returns {'zimg' [B, E], 'ztxt' [B, E] (with tokens), both L2-normalised float32;
-        'logit_scale' = min(exp(t), max_logit_scale); 'logit_bias' (if the model has one);
+        'logit_scale' = min(exp(t), max_logit_scale) and 'logit_bias' (if the model has them);
+        'centers' float32 [C, E] as stored, not normalised (if the model has them);
         'image' / 'text': the towers' output dicts}."""
         out: dict[str, Any] = {"image": self.encode_image(images)}
         out["zimg"] = l2_normalize(out["image"]["embedding"])
         if tokens is not None:
             out["text"] = self.encode_text(tokens)
             out["ztxt"] = l2_normalize(out["text"]["embedding"])
-        # min() stops the scale at the cap (CLIP clips at 100 to keep training stable).
-        out["logit_scale"] = jnp.minimum(jnp.exp(self.t[...]), self.max_logit_scale)
+        if self.has_scale:
+            # min() stops the scale at the cap (CLIP clips at 100 to keep training stable).
+            out["logit_scale"] = jnp.minimum(jnp.exp(self.t[...]), self.max_logit_scale)
         if self.has_bias:
             out["logit_bias"] = self.b[...]
+        if self.has_centers:
+            out["centers"] = self.centers[...]
         return out
 
 
@@ -74,24 +105,17 @@ def build_model(model_cfg: Mapping[str, Any], *, rngs: nnx.Rngs) -> TwoTower:
     """TwoTower from a model config.
 
     model_cfg keys: image (dict, see vit.build_vit), text (dict, see text.build_text, or None),
-    embed_dim, logit_scale_init (t, the log of the initial scale), logit_bias_init (None or
-    float), max_logit_scale (default 100), dtype ('float32' | 'bfloat16': compute dtype; params
-    are float32 either way).
+    embed_dim, logit_scale_init (t, the log of the initial scale, or None for no scale: MLCD),
+    logit_bias_init (None or float), max_logit_scale (default 100), dtype ('float32' |
+    'bfloat16': compute dtype; params are float32 either way), num_centers (None, or C: a
+    [C, E] class-center matrix), centers_init (path of a [C, E] .npy the trainer loads into
+    the centers, see mlcd.train.init_params; not read here).
     """
     cfg = dict(model_cfg)
-    allowed = {
-        "image",
-        "text",
-        "embed_dim",
-        "logit_scale_init",
-        "logit_bias_init",
-        "max_logit_scale",
-        "dtype",
-    }
-    unknown = sorted(set(cfg) - allowed)
+    unknown = sorted(set(cfg) - set(_MODEL_KEYS))
     if unknown:
-        raise ValueError(f"Unknown model config key(s) {unknown}; allowed: {sorted(allowed)}.")
-    for key in ("image", "embed_dim", "logit_scale_init"):
+        raise ValueError(f"Unknown model config key(s) {unknown}; allowed: {sorted(_MODEL_KEYS)}.")
+    for key in ("image", "embed_dim"):
         if key not in cfg:
             raise ValueError(f"model config needs {key!r}.")
     dtype_name = cfg.get("dtype", "float32")
@@ -109,7 +133,17 @@ def build_model(model_cfg: Mapping[str, Any], *, rngs: nnx.Rngs) -> TwoTower:
     return TwoTower(
         image,
         text,
-        logit_scale_init=cfg["logit_scale_init"],
+        logit_scale_init=cfg.get("logit_scale_init"),
         logit_bias_init=cfg.get("logit_bias_init"),
         max_logit_scale=cfg.get("max_logit_scale", 100.0),
+        num_centers=cfg.get("num_centers"),
+        embed_dim=embed_dim,
+        rngs=rngs,
     )
+
+
+def encoder_config(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The model config of the exported encoder: `model_cfg` without the training-only class
+    centers (num_centers, centers_init), as a plain dict."""
+    cfg = model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg)
+    return {k: v for k, v in cfg.items() if k not in _TRAINING_ONLY_KEYS}

@@ -33,4 +33,4 @@ def get(name: str) -> Any:
     return _REGISTRY[name]
 
 
-from mlcd.objectives import contrastive  # noqa: E402,F401  (registers its objectives)
+from mlcd.objectives import contrastive, mlcd  # noqa: E402,F401  (register their objectives)

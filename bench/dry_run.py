@@ -1,0 +1,200 @@
+"""Paper-scale train step, lowered and compiled (never run) on a simulated mesh of fake CPU devices.
+
+    python bench/dry_run.py --config configs/mlcd.py:l14 [--devices 64] [--config.key=value ...]
+
+The step is the trainer's own (mlcd.train: abstract_model, state_shardings, make_train_step,
+the objective from config.objective), built from ShapeDtypeStructs: no parameter, optimizer
+moment, class center or batch is ever allocated, so a 1M x 768 center matrix and a ViT-L/14
+compile on a 2-core CPU machine with 24 GB. XLA's SPMD partitioner turns the step into one per-device program; its
+memory analysis is what one device of that mesh would need.
+
+Prints, per device: parameters, optimizer state and class centers (with their AdamW moments) as
+the state's shardings place them, the batch, and from `compiled.memory_analysis()` the
+arguments, outputs (aliased to the donated state), temporaries and the peak they imply; then
+the largest arrays of the compiled program, and whether any of its shapes has a dimension of C
+(a [B, C] logits array or the full center matrix would).
+
+Numbers come from XLA:CPU's compiler, not the accelerator's: fusion and layout choices (and
+bf16, which the CPU runs through float32 conversions) differ, so treat temporaries as an
+estimate of the order of magnitude, and the state figures as exact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="path/to/config.py[:preset]")
+    parser.add_argument("--devices", type=int, default=64, help="fake CPU devices in the mesh")
+    parser.add_argument("--device_gib", type=float, default=80.0, help="memory of one device")
+    return parser.parse_known_args(argv)
+
+
+ARGS, OVERRIDES = _parse(sys.argv[1:])
+# Before jax is imported: the fake devices exist only if the flag is set at backend start.
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={ARGS.devices}"
+)
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from configs import common  # noqa: E402
+from mlcd import objectives, optim, sharding, train, tree_utils  # noqa: E402
+from mlcd.checkpoint import abstract_like  # noqa: E402
+
+GIB = 2.0**30
+# Bytes per element of the HLO element types that appear in a train step.
+HLO_BYTES = dict(pred=1, s8=1, u8=1, bf16=2, f16=2, s32=4, u32=4, f32=4, s64=8, u64=8, f64=8)
+
+
+def per_device_bytes(tree) -> float:
+    """Bytes one device holds of `tree`, ShapeDtypeStructs with shardings (None leaves: 0)."""
+    return float(
+        sum(
+            np.prod(x.sharding.shard_shape(x.shape), dtype=np.int64) * x.dtype.itemsize
+            for x in jax.tree.leaves(tree)
+        )
+    )
+
+
+def split_centers(tree):
+    """(tree without the 'centers' leaves, tree of only them): leaves replaced by None."""
+    is_c = lambda p: p.split("/")[-1] == "centers"
+    return (
+        tree_utils.map_with_path(lambda p, x: None if is_c(p) else x, tree),
+        tree_utils.map_with_path(lambda p, x: x if is_c(p) else None, tree),
+    )
+
+
+def abstract_batch(config, mesh):
+    """The global batch the input pipeline would feed, as ShapeDtypeStructs."""
+    b, s = config.batch_size, config.pp.image_size
+    batch = {"image": jax.ShapeDtypeStruct((b, s, s, 3), jnp.uint8)}
+    if config.model.get("text") is not None:
+        batch["tokens"] = jax.ShapeDtypeStruct((b, config.pp.context_length), jnp.int32)
+    if config.model.get("num_centers"):
+        num_labels = config.data.get("top_l") or 8
+        batch["cluster_labels"] = jax.ShapeDtypeStruct((b, num_labels), jnp.int32)
+    return abstract_like(batch, {k: sharding.batch_sharding(mesh) for k in batch})
+
+
+def largest_arrays(hlo: str, n: int) -> list[tuple[float, str, str]]:
+    """The n largest arrays the per-device HLO computes (not its parameters): (bytes,
+    'dtype[dims]', the op computing it), one entry per distinct shape."""
+    found = {}
+    pattern = r"= (\w+)\[([\d,]*)\](?:\{[^}]*\})? ([\w\-]+)\("
+    for dtype, dims, op in re.findall(pattern, hlo):
+        if dtype in HLO_BYTES and op != "parameter" and f"{dtype}[{dims}]" not in found:
+            size = np.prod([int(d) for d in dims.split(",") if d], dtype=np.float64)
+            found[f"{dtype}[{dims}]"] = (float(size) * HLO_BYTES[dtype], op)
+    return sorted(((b, shape, op) for shape, (b, op) in found.items()), reverse=True)[:n]
+
+
+def main() -> None:
+    t0 = time.perf_counter()
+    config = common.load_config(ARGS.config)
+    common.parse_overrides(config, OVERRIDES)
+    config = train.resolve_model_config(config, None)
+    mesh = sharding.make_mesh(config.mesh)
+    sharding.check_batch_divisible(config.batch_size, mesh, "config.batch_size")
+
+    graphdef, abstract_params = train.abstract_model(config.model)
+    param_shardings = sharding.param_shardings(abstract_params, config.sharding_rules, mesh)
+    tx, schedule = optim.make_optimizer(config.optim, abstract_params, config.total_steps)
+    shardings = train.state_shardings(tx, abstract_params, param_shardings, mesh)
+    state = abstract_like(train.abstract_state(tx, abstract_params), shardings)
+    batch = abstract_batch(config, mesh)
+    objective = objectives.get(config.objective.name)(config.objective)
+    microbatches = int(config.get("microbatches", 1))
+    step = train.make_train_step(
+        graphdef,
+        objective,
+        tx,
+        schedule,
+        shardings,
+        sharding.batch_sharding(mesh),
+        mesh,
+        microbatches=microbatches,
+    )
+    with jax.set_mesh(mesh):
+        lowered = step.lower(state, batch)
+        t1 = time.perf_counter()
+        compiled = lowered.compile()
+    t2 = time.perf_counter()
+    mem = compiled.memory_analysis()
+    hlo = compiled.as_text()
+
+    towers, centers = split_centers(state["params"])
+    tower_opt, center_opt = split_centers(state["opt_state"])
+    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(towers))
+    num_centers = config.model.get("num_centers")
+    rows = [
+        (f"parameters ({num_params / 1e6:.1f}M, towers)", per_device_bytes(towers)),
+        ("optimizer state (towers)", per_device_bytes(tower_opt)),
+    ]
+    if num_centers:
+        e = config.model.embed_dim
+        rows += [
+            (f"class centers ({num_centers:,} x {e})", per_device_bytes(centers)),
+            ("optimizer state (centers)", per_device_bytes(center_opt)),
+        ]
+    rows += [("batch (uint8 images, labels)", per_device_bytes(batch))]
+    peak = (
+        mem.argument_size_in_bytes
+        + mem.output_size_in_bytes
+        - mem.alias_size_in_bytes
+        + mem.temp_size_in_bytes
+    )
+    rows += [
+        ("compiled: arguments (state + batch)", mem.argument_size_in_bytes),
+        ("compiled: outputs (aliased to donated state)", mem.output_size_in_bytes),
+        ("compiled: aliased", mem.alias_size_in_bytes),
+        ("compiled: temporaries (activations, grads)", mem.temp_size_in_bytes),
+        ("compiled: peak = args + outputs - aliased + temp", peak),
+    ]
+
+    b = config.batch_size
+    head = (
+        f"{ARGS.config} {' '.join(OVERRIDES)}: {mesh.size} devices {dict(mesh.shape)}, "
+        f"global batch {b:,} ({b // mesh.size} per device, in {microbatches} microbatches), "
+        f"image {config.pp.image_size} px, "
+        f"model {config.model.image.variant} dtype {config.model.dtype}"
+    )
+    if num_centers:
+        head += (
+            f", C = {num_centers:,} ({num_centers // mesh.size:,} per device), "
+            f"r = {config.objective.get('sample_ratio')}"
+        )
+    print(head)
+    print(f"lowered in {t1 - t0:.0f} s, compiled in {t2 - t1:.0f} s (XLA:CPU, nothing executed)")
+    print()
+    print("| per device | GiB |\n|---|---:|")
+    for name, size in rows:
+        print(f"| {name} | {size / GIB:.3f} |")
+    print()
+    print("Largest arrays of the per-device program:")
+    for size, shape, op in largest_arrays(hlo, 6):
+        print(f"  {size / GIB:8.3f} GiB  {shape:<28} {op}")
+    if num_centers:
+        dims = {int(d) for dims in re.findall(r"\w+\[([\d,]+)\]", hlo) for d in dims.split(",")}
+        has_c = "yes" if num_centers in dims else "none"
+        print(f"shapes with a dimension of C = {num_centers:,}: {has_c}")
+    fits = peak <= ARGS.device_gib * GIB
+    print(
+        f"peak_gib={peak / GIB:.2f} device_gib={ARGS.device_gib:.0f} fits={'yes' if fits else 'no'}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""MLCD (An et al., ECCV 2024): an image-only ViT trained to discriminate the clusters of a
+teacher's embeddings. Offline k-means gives C centers; each image is labelled with its top-l
+nearest centers; the loss is the margin-based multi-label loss against a learned [C, E] center
+matrix sharded along C over all devices (Partial FC layout; DESIGN.md, MLCD).
+
+    python -m mlcd.cluster --config configs/cluster.py:tiny        # writes runs/clusters_tiny
+    python -m mlcd.train --config configs/mlcd.py:tiny --workdir runs/mlcd_tiny
+
+Presets: tiny (CPU, synthetic_scenes, 256 centers, CLIP tiny's step budget), b32 and l14
+(ViT-B/32 and ViT-L/14 at the paper's scale: 1,048,576 centers, l = 8, r = 0.1, batch 32,768,
+AdamW, weight decay 0.2). Paper presets need --config.data.labels (and the dataset) set.
+"""
+
+import ml_collections
+
+from configs import common
+
+# Centers [C, E] split along C over every mesh axis: each device holds C / N rows and their
+# AdamW moments, which is what mlcd_loss's sharded path expects (no resharding in the step).
+CENTERS_RULE = (r"centers", (("data", "model"), None))
+
+# Frozen-feature evaluators that need no text tower (zero-shot, retrieval and grounding do).
+IMAGE_ONLY_EVALS = ("fewshot", "linear_probe", "digits", "image_retrieval")
+
+
+def _tiny(c):
+    c = common.tiny_preset(c)
+    c.model.num_centers = 256  # configs/cluster.py:tiny clusters the CLIP tiny teacher into 256
+    c.data.labels = "runs/clusters_tiny"
+    c.model.centers_init = "runs/clusters_tiny/centroids.npy"
+    # r = 1: at 256 centers every class fits in the step; the paper's r = 0.1 is its best at
+    # 1M centers (a knob: --config.objective.sample_ratio=0.1).
+    c.objective.sample_ratio = 1.0
+    c.sharding_rules = (CENTERS_RULE, *c.sharding_rules)
+    c.evals = ml_collections.ConfigDict({k: c.evals[k].to_dict() for k in IMAGE_ONLY_EVALS})
+    return c
+
+
+def _paper(variant, embed_dim, lr, microbatches):
+    """ViT-`variant` as in the paper (notes/methods.md): LAION-400M for 32 epochs at batch
+    32,768 (the paper's 32,800 rounded to a power of two so it splits over 64 devices), the
+    gradient accumulated over `microbatches` slices so activations fit 80 GB devices
+    (bench/dry_run.py; docs/benchmarks.md)."""
+
+    def preset(c):
+        c = common.paper_b16_preset(c)
+        c.total_steps = 32 * 400_000_000 // 32_768
+        c.model.image = ml_collections.ConfigDict({"variant": variant, "pool": "cls"})
+        c.model.embed_dim = embed_dim
+        c.model.num_centers = 1_048_576
+        c.data.top_l = 8
+        c.objective.sample_ratio = 0.1
+        c.optim.lr = lr
+        c.optim.weight_decay = 0.2
+        c.microbatches = microbatches
+        c.sharding_rules = (CENTERS_RULE, (".*", "fsdp"))
+        c.evals = ml_collections.ConfigDict(
+            {
+                "fewshot": {"type": "fewshot"},
+                "linear_probe": {"type": "linear_probe", "every": 0},
+            }
+        )
+        return c
+
+    return preset
+
+
+PRESETS = {
+    "tiny": _tiny,
+    "b32": _paper("B/32", 512, 5e-4, microbatches=1),
+    "l14": _paper("L/14", 768, 4e-4, microbatches=8),
+}
+
+
+def get_config(arg=None):
+    c = common.base_config()
+    c.objective = {
+        "name": "mlcd",
+        "scale": 64.0,  # s: unstated in the paper; the authors' pre-training code uses 64
+        "margin": 0.3,
+        "margin_type": "arcface",
+        "sample_ratio": 0.1,
+    }
+    # Cluster output directory of python -m mlcd.cluster (clusters.json, labels.npz,
+    # centroids.npy), joined to examples by id; top_l: use each example's nearest top_l <= l
+    # labels (None: all l of the file).
+    c.data.labels = ml_collections.config_dict.placeholder(str)
+    c.data.top_l = ml_collections.config_dict.placeholder(int)
+    c.model.num_centers = 1_048_576
+    # A [C, E] .npy (e.g. <labels>/centroids.npy) to start the centers from; None: random.
+    c.model.centers_init = ml_collections.config_dict.placeholder(str)
+    # Centers get their own learning-rate multiplier (Partial FC trains them as a separate group).
+    c.optim.lr_mults = ((r"centers", 1.0),)
+    c = common.select_preset("configs/mlcd.py", arg, PRESETS)(c)
+    # Image-only: no text tower, no temperature, no captions read or tokenized.
+    c.model.text = None
+    c.model.logit_scale_init = None
+    c.data.text_keys = ()
+    return c
