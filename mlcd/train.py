@@ -38,21 +38,36 @@ from mlcd import evaluators, objectives, optim, sharding
 from mlcd.checkpoint import Checkpointer, abstract_like
 from mlcd.encoder import Encoder
 from mlcd.metrics_writer import MetricWriter, plot_metrics, read_metrics
-from mlcd.models import build_model
+from mlcd.models import build_model, layers, vit
+from mlcd.models import text as text_tower
 
 
 def resolve_model_config(
     config: ml_collections.ConfigDict, tokenizer: Tokenizer | None
 ) -> ml_collections.ConfigDict:
-    """Fills the model fields that follow from data and tokenizer (resolution, vocabulary)."""
+    """Fills the model fields that follow from data and tokenizer (resolution, vocabulary), then
+    expands each tower's named variant into all of its settings.
+
+    Why the expansion: config.json (and every export made from the run) then records the exact
+    architecture, so a later change to a variant's defaults in mlcd/models can never rebuild an
+    old checkpoint with a different shape.
+    """
     config = ml_collections.ConfigDict(config)  # copy: never edit the caller's config
     with config.unlocked():
         config.model.image.image_size = config.pp.image_size
+        config.model.image = {
+            "variant": config.model.image.variant,
+            **layers.resolve_variant("image", vit.VARIANTS, config.model.image.to_dict()),
+        }
         if config.model.get("text") is not None and tokenizer is not None:
             config.model.text.vocab_size = tokenizer.vocab_size
             config.model.text.eos_id = tokenizer.eos_id
             config.model.text.pad_id = tokenizer.pad_id
             config.model.text.context_length = config.pp.context_length
+            config.model.text = {
+                "variant": config.model.text.variant,
+                **layers.resolve_variant("text", text_tower.VARIANTS, config.model.text.to_dict()),
+            }
     return config
 
 

@@ -13,7 +13,7 @@ from flax import nnx
 from mlcd.losses import softmax_contrastive_loss
 from mlcd.models import build_model, build_text, build_vit, layers
 from mlcd.models.text import first_eos_index
-from mlcd.models.vit import PatchEmbed
+from mlcd.models.vit import ConvStem, PatchEmbed
 
 EOS, PAD = 3, 0
 # Small shapes; 'tiny' variants with overrides keep every test fast on 2 shared cores.
@@ -93,6 +93,24 @@ def test_patch_embed_is_the_strided_convolution():
     )
     want = (want + embed.bias[...]).reshape(B, 16, 8)  # row-major (y, x) patch order
     np.testing.assert_allclose(embed(images), want, atol=1e-5)
+
+
+def test_conv_stem_is_a_stack_of_strided_convolutions():
+    """im2col + matmul equals lax.conv (3x3, stride 2, SAME) -> LN -> ReLU, then the 1x1 proj."""
+    stem = ConvStem(4, 16, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    assert [k.shape for k in stem.kernels] == [(3, 3, 3, 8), (3, 3, 8, 16)]
+    images = _images()
+    x = images
+    for kernel in stem.kernels:
+        x = jax.lax.conv_general_dilated(
+            x, kernel[...], (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+        x = jax.nn.relu((x - mean) / jnp.sqrt(var + 1e-6))
+    want = x.reshape(B, 16, 16) @ stem.proj.kernel[...] + stem.proj.bias[...]
+    np.testing.assert_allclose(stem(images), want, atol=1e-4)
+    with pytest.raises(ValueError, match="power-of-two patch_size"):
+        ConvStem(6, 16, dtype=jnp.float32, rngs=nnx.Rngs(0))
 
 
 def test_two_tower_outputs():
