@@ -1,4 +1,8 @@
 """Export a trained encoder: python -m mlcd.export --workdir RUN --out DIR [--step N]
+                              python -m mlcd.export --workdir RUN --out DIR --random-init
+
+--random-init exports the parameters the run started from (its model config and seed, freshly
+initialised; no checkpoint needed): the untrained baseline of the same architecture.
 
 An export is self-contained (no training config needed to use it):
     DIR/export.json     format, model config, preprocessing spec, data spec, source step
@@ -32,7 +36,7 @@ from mlcd import optim, sharding, tree_utils
 from mlcd.checkpoint import Checkpointer
 from mlcd.encoder import Encoder
 from mlcd.models import encoder_config
-from mlcd.train import abstract_model, abstract_state
+from mlcd.train import abstract_model, abstract_state, init_params
 
 FORMAT = "mlcd-encoder/1"
 EXPORT_FILE = "export.json"
@@ -89,13 +93,25 @@ def restore_run_params(workdir: str, step: int | None = None):
     return config, graphdef, state["params"], step
 
 
-def export(workdir: str, out: str, step: int | None = None) -> str:
+def export(workdir: str, out: str, step: int | None = None, random_init: bool = False) -> str:
     """Writes the export of `workdir`'s checkpoint at `step` (default: latest) to `out`.
 
     Only the encoder is exported: training-only heads (MLCD's class centers) are left out, of
     both the parameters and the model config.
+
+    random_init=True exports instead the parameters the run started from: freshly initialised
+    with the run's model config and config.seed, exactly as `mlcd.train` initialises them
+    (no checkpoint is read, only config.json). It is the untrained baseline for the same
+    architecture: probes on it measure what the architecture alone gives. export.json then
+    has "step": 0 and "random_init": true.
     """
-    config, _, params, step = restore_run_params(workdir, step)
+    if random_init:
+        if step is not None:
+            raise ValueError("--random-init exports the initial parameters: do not give --step")
+        config, params = init_run_params(workdir)
+        step = 0
+    else:
+        config, _, params, step = restore_run_params(workdir, step)
     model_cfg = encoder_config(config.model)
     _, encoder_params = abstract_model(model_cfg)
     params = {k: v for k, v in params.items() if k in encoder_params}
@@ -114,6 +130,8 @@ def export(workdir: str, out: str, step: int | None = None) -> str:
     meta = {
         "format": FORMAT,
         "step": int(step),
+        "random_init": bool(random_init),
+        "seed": int(config.seed),
         "source_workdir": os.path.abspath(workdir),
         "model": model_cfg,
         "preprocess": {
@@ -133,6 +151,23 @@ def export(workdir: str, out: str, step: int | None = None) -> str:
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out
+
+
+def init_run_params(workdir: str):
+    """(config, params) with params freshly initialised from the run's model config and
+    config.seed, as mlcd.train does at step 0 (the values do not depend on the mesh), replicated
+    over this process's devices. The class centers (a training-only head) are left random even
+    when config.model.centers_init names a file: they are not part of an export."""
+    config = load_run_config(workdir)
+    model_cfg = ml_collections.ConfigDict(config.model.to_dict())
+    if model_cfg.get("centers_init"):
+        model_cfg.centers_init = None
+    _, abstract_params = abstract_model(model_cfg)
+    mesh = sharding.make_mesh((("data", -1),))
+    shardings = jax.tree.map(lambda _: NamedSharding(mesh, P()), abstract_params)
+    with jax.set_mesh(mesh):
+        params = init_params(model_cfg, int(config.seed), shardings)
+    return config, params
 
 
 def read_export_meta(export_dir: str) -> dict[str, Any]:
@@ -183,13 +218,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workdir", required=True, help="training run directory")
     parser.add_argument("--out", required=True, help="export directory to write")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    parser.add_argument(
+        "--random-init",
+        action="store_true",
+        help="export the run's initial parameters instead of a checkpoint: freshly initialised "
+        "with the run's model config and seed (the untrained baseline for probes); reads only "
+        "the run's config.json",
+    )
     args = parser.parse_args(argv)
     try:
-        out = export(args.workdir, args.out, args.step)
+        out = export(args.workdir, args.out, args.step, random_init=args.random_init)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"exported step {read_export_meta(out)['step']} of {args.workdir} to {out}")
+    what = "random-init parameters" if args.random_init else f"step {read_export_meta(out)['step']}"
+    print(f"exported {what} of {args.workdir} to {out}")
     return 0
 
 

@@ -12,9 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
 # Training configs (cluster.py configures python -m mlcd.cluster; test_cluster.py builds it).
 METHOD_CONFIGS = [
-    p
-    for p in CONFIG_FILES
-    if os.path.basename(p) not in ("common.py", "__init__.py", "cluster.py")
+    p for p in CONFIG_FILES if os.path.basename(p) not in ("common.py", "__init__.py", "cluster.py")
 ]
 
 
