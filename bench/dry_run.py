@@ -116,7 +116,7 @@ def main() -> None:
     state = abstract_like(train.abstract_state(tx, abstract_params), shardings)
     batch = abstract_batch(config, mesh)
     objective = objectives.get(config.objective.name)(config.objective)
-    microbatches = int(config.get("microbatches", 1))
+    microbatches = config.microbatches
     step = train.make_train_step(
         graphdef,
         objective,
