@@ -67,7 +67,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.tokenizer = ml_collections.config_dict.placeholder(str)
 
     c.model = ml_collections.ConfigDict()
-    c.model.image = ml_collections.ConfigDict({"variant": "B/16", "pool": "cls"})
+    # stem: "patch" (ViT) or "conv" (a convolutional stem; mlcd/models/vit.py, ConvStem)
+    c.model.image = ml_collections.ConfigDict({"variant": "B/16", "pool": "cls", "stem": "patch"})
     c.model.text = ml_collections.ConfigDict({"variant": "B", "causal": True, "pool": "eos"})
     c.model.embed_dim = 512
     c.model.logit_scale_init = math.log(1 / 0.07)
@@ -224,7 +225,7 @@ def tiny_preset(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.pp.crop_scale = (0.8, 1.0)  # mild: a crop must not cut away objects the caption names
     c.pp.flip = False  # captions name positions ("on the left"): a flip would contradict them
     c.pp.context_length = 48
-    c.model.image = ml_collections.ConfigDict({"variant": "tiny", "pool": "cls"})
+    c.model.image = ml_collections.ConfigDict({"variant": "tiny", "pool": "cls", "stem": "patch"})
     c.model.text = ml_collections.ConfigDict({"variant": "tiny", "causal": True, "pool": "eos"})
     c.model.embed_dim = 128
     c.optim.lr = 1e-3
@@ -258,7 +259,7 @@ def paper_b16_preset(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.pp.image_size = 224
     c.pp.crop_scale = (0.9, 1.0)
     c.pp.context_length = 77
-    c.model.image = ml_collections.ConfigDict({"variant": "B/16", "pool": "cls"})
+    c.model.image = ml_collections.ConfigDict({"variant": "B/16", "pool": "cls", "stem": "patch"})
     c.model.text = ml_collections.ConfigDict({"variant": "B/16", "causal": True, "pool": "eos"})
     c.model.embed_dim = 512
     c.model.dtype = "bfloat16"

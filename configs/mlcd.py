@@ -45,7 +45,9 @@ def _paper(variant, embed_dim, lr, microbatches):
     def preset(c):
         c = common.paper_b16_preset(c)
         c.total_steps = 32 * 400_000_000 // 32_768
-        c.model.image = ml_collections.ConfigDict({"variant": variant, "pool": "cls"})
+        c.model.image = ml_collections.ConfigDict(
+            {"variant": variant, "pool": "cls", "stem": "patch"}
+        )
         c.model.embed_dim = embed_dim
         c.model.num_centers = 1_048_576
         c.data.top_l = 8

@@ -95,3 +95,51 @@ def test_evaluate_cli_writes_only_its_output(run, tmp_path, capsys):
     bad = os.path.join(workdir, "checkpoints", "r.json")
     assert evaluate.main(["--workdir", workdir, "--evals", "retrieval", "--out", bad]) == 2
     assert "never writes into" in capsys.readouterr().err
+
+
+def test_random_init_export_is_the_runs_initial_params(run, tmp_path, capsys):
+    """--random-init exports exactly the parameters the trainer starts from (the run's model
+    config and seed, on the run's own mesh and sharding rules), whatever mesh exports it."""
+    import jax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from mlcd import sharding
+
+    workdir, _ = run
+    out = str(tmp_path / "random")
+    assert export.main(["--workdir", workdir, "--out", out, "--random-init"]) == 0
+    assert "random-init" in capsys.readouterr().out
+    meta = export.read_export_meta(out)
+    assert (meta["step"], meta["random_init"], meta["seed"]) == (0, True, 0)
+    random = mlcd.load_encoder(out)
+
+    config = export.load_run_config(workdir)
+    mesh = sharding.make_mesh(config.mesh)  # the training mesh, (4, 2)
+    _, abstract = train.abstract_model(config.model)
+    with jax.set_mesh(mesh):
+        initial = train.init_params(
+            config.model,
+            config.seed,
+            sharding.param_shardings(abstract, config.sharding_rules, mesh),
+        )
+    assert set(random.params) == set(initial)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+        random.params,
+        initial,
+    )
+    assert {x.sharding for x in jax.tree.leaves(random.params)} == {
+        NamedSharding(random._mesh, P())
+    }
+
+    trained = mlcd.load_encoder(export.export(workdir, str(tmp_path / "trained")))
+    images = np.random.default_rng(1).integers(0, 255, (3, 32, 32, 3), dtype=np.uint8)
+    assert not np.allclose(
+        random.embed_images(images)["embedding"], trained.embed_images(images)["embedding"]
+    )
+    results = evaluate.evaluate(random, meta, ["retrieval"])
+    assert 0 <= results["retrieval/test/i2t_r1"] <= 1
+
+    assert export.main(["--workdir", workdir, "--out", out, "--random-init", "--step", "2"]) == 2
+    assert "do not give --step" in capsys.readouterr().err
