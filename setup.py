@@ -27,7 +27,9 @@ setup(
     name="mlcd",
     version="0.1.0",
     description="Config-driven JAX/Flax pretraining of visual encoders: CLIP/SigLIP, MLCD, MOFI, DreamLIP.",
-    packages=find_packages(include=["mlcd", "mlcd.*", "input_pipeline", "input_pipeline.*", "configs"]),
+    packages=find_packages(
+        include=["mlcd", "mlcd.*", "input_pipeline", "input_pipeline.*", "configs"]
+    ),
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require={

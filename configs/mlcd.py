@@ -83,9 +83,9 @@ def get_config(arg=None):
         "margin_type": "arcface",
         "sample_ratio": 0.1,
     }
-    # Cluster output directory of python -m mlcd.cluster (clusters.json, labels.npz,
-    # centroids.npy), joined to examples by id; top_l: use each example's nearest top_l <= l
-    # labels (None: all l of the file).
+    # Cluster output directory of python -m mlcd.cluster (clusters.json, labels.npy, ...,
+    # centroids.npy), joined to examples by index in the split (checked against their id);
+    # top_l: use each example's nearest top_l <= l labels (None: all l of the file).
     c.data.labels = ml_collections.config_dict.placeholder(str)
     c.data.top_l = ml_collections.config_dict.placeholder(int)
     c.model.num_centers = 1_048_576

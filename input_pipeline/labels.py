@@ -1,9 +1,15 @@
-"""Cluster labels (the output of `python -m mlcd.cluster`, read with
-mlcd.clustering.store.load_clusters: labels.npz ids str [N], labels int32 [N, l] nearest first,
--1 pads) joined to training examples by id.
+"""Cluster labels (the output of `python -m mlcd.cluster`, opened with
+mlcd.clustering.store.load_clusters) joined to training examples by their index in the split.
 
-The join is a pure function of the example id, so it adds no state to the input pipeline and a
-resumed run reads the same labels.
+labels.npy int32 [N, l] (nearest first, -1 pads) and id_hashes.npy uint64 [N] hold row i for
+example i of the split. Both are memory-mapped: a host's memory does not grow with N (at 400M
+examples the labels are 13 GB, and the ids an id-keyed join would search tens of GB, on every
+host); a batch reads its own b rows. Each row's stored id hash is compared with the hash of the
+example's id, so a file written for another dataset, split or order fails on the first batch
+instead of training on another example's labels.
+
+The join is a pure function of the example (index, id), so it adds no state to the input
+pipeline and a resumed run reads the same labels.
 """
 
 from __future__ import annotations
@@ -16,60 +22,69 @@ from mlcd.clustering import store
 
 
 class ClusterLabels:
-    """Looks up examples' cluster labels by id: `labels_for(ids)` -> int32 [b, top_l].
-
-    Ids are kept sorted and searched with np.searchsorted: memory is the ids and labels arrays
-    themselves, no per-id Python objects (a dict over 400M ids would not fit in host memory).
-    """
+    """Looks up examples' cluster labels: `labels_for(indices, ids)` -> int32 [b, top_l]."""
 
     def __init__(self, labels_dir: str, num_centers: int, top_l: int | None = None):
         """labels_dir: a cluster output directory (config.data.labels). num_centers: C of the
         model (config.model.num_centers); it must match the clustering's. top_l: keep only each
-        example's first (nearest) top_l labels (config.data.top_l; None = all l)."""
+        example's first (nearest) top_l labels (config.data.top_l; None = all l).
+
+        Opening reads only headers and clusters.json; the label values are range-checked per
+        batch, in `labels_for` (a full check would read all N rows on every host)."""
         try:
             clusters = store.load_clusters(labels_dir)
         except (FileNotFoundError, ValueError) as e:
             raise type(e)(f"config.data.labels={labels_dir!r}: {e}") from None
         self.path = os.path.join(labels_dir, store.LABELS_FILE)
+        self._hashes_path = os.path.join(labels_dir, store.ID_HASHES_FILE)
         if clusters.meta["num_centers"] != num_centers:
             raise ValueError(
                 f"config.data.labels={labels_dir!r} has {clusters.meta['num_centers']} centers "
                 f"but config.model.num_centers={num_centers}"
             )
-        ids, labels = clusters.ids, clusters.labels
-        if ids.shape != labels.shape[:1] or ids.shape[0] == 0:
-            raise ValueError(f"{self.path}: ids {ids.shape} do not match labels {labels.shape}")
-        num_labels = labels.shape[1]
+        num_labels = clusters.labels.shape[1]
         top_l = num_labels if top_l is None else int(top_l)
         if not 1 <= top_l <= num_labels:
             raise ValueError(
                 f"config.data.top_l={top_l}: {self.path} has {num_labels} labels per example"
             )
-        labels = labels[:, :top_l]
-        bad = (labels < -1) | (labels >= num_centers)
-        if bad.any():
-            row = int(np.argmax(bad.any(axis=1)))
-            raise ValueError(
-                f"{self.path}: labels must be center ids in [0, {num_centers}) or -1 (padding); "
-                f"example {str(ids[row])!r} has {labels[row].tolist()}"
-            )
-        order = np.argsort(ids, kind="stable")
-        self._ids = ids[order].astype(str)
-        repeated = self._ids[1:] == self._ids[:-1]
-        if repeated.any():
-            raise ValueError(
-                f"{self.path}: example id {str(self._ids[1:][repeated][0])!r} appears more than once"
-            )
-        self._labels = labels[order].astype(np.int32)
+        self._num_centers = num_centers
+        self._top_l = top_l
+        self._labels = clusters.labels  # np.memmap int32 [N, l]
+        self._id_hashes = clusters.id_hashes  # np.memmap uint64 [N]
 
-    def labels_for(self, ids: np.ndarray) -> np.ndarray:
-        """str [b] example ids -> int32 [b, top_l]; an id without labels raises, naming it."""
-        ids = np.asarray(ids).astype(str)
-        pos = np.minimum(np.searchsorted(self._ids, ids), len(self._ids) - 1)
-        found = self._ids[pos] == ids
-        if not found.all():
+    def labels_for(self, indices: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """int [b] indices of examples in the split, str [b] their ids -> int32 [b, top_l].
+
+        ValueError naming the example id and the file when the file has no row for an index,
+        when a row was written for another id, or when a label is not in [-1, num_centers).
+        """
+        indices = np.asarray(indices, np.int64)
+        ids = [str(i) for i in ids]
+        num_examples = len(self._labels)
+        outside = (indices < 0) | (indices >= num_examples)
+        if outside.any():
+            k = int(np.argmax(outside))
             raise ValueError(
-                f"example id {str(ids[~found][0])!r} of the dataset has no labels in {self.path} "
-                "(was the clustering run on this dataset and split?)"
+                f"example id {ids[k]!r} of the dataset has no labels in {self.path}: it is "
+                f"example {indices[k]} of the split, the file has {num_examples} rows (was the "
+                "clustering run on this dataset and split?)"
             )
-        return self._labels[pos]
+        wrong = self._id_hashes[indices] != store.id_hash(ids)
+        if wrong.any():
+            k = int(np.argmax(wrong))
+            raise ValueError(
+                f"labels file does not match this dataset/split: example id {ids[k]!r} is "
+                f"example {indices[k]} of the split, but row {indices[k]} of "
+                f"{self._hashes_path} is another example's (was the clustering run on this "
+                "dataset and split, and did its order change since?)"
+            )
+        labels = self._labels[indices, : self._top_l]
+        bad = (labels < -1) | (labels >= self._num_centers)
+        if bad.any():
+            k = int(np.argmax(bad.any(axis=1)))
+            raise ValueError(
+                f"{self.path}: labels must be center ids in [0, {self._num_centers}) or -1 "
+                f"(padding); example {ids[k]!r} has {labels[k].tolist()}"
+            )
+        return labels

@@ -1,10 +1,11 @@
 """Training input pipeline: tfds data source -> grain -> host batches of uint8 images + tokens
 (+ cluster labels).
 
-    source[process_index::process_count]      per-host shard (disjoint examples per host)
+    source.map_with_index(...)                each example gets its index in the split
+      .slice(process_index::process_count)    per-host shard (disjoint examples per host)
       .shuffle(seed).repeat()                 a fresh permutation every epoch
       .random_map(decode, crop, flip)         randomness seeded by (seed, element index)
-      -> iter: filter bad examples, batch(host_batch), tokenize, join labels by id
+      -> iter: filter bad examples, batch(host_batch), tokenize, join labels by index
 
 Every random choice is a function of (seed, position in the stream), so the only state needed
 to resume exactly is the iterator position, which `get_state()` returns (grain accounts for
@@ -13,6 +14,7 @@ elements prefetched but not yet consumed). It goes into each checkpoint.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from typing import Any
@@ -47,14 +49,14 @@ class _TrainExample(grain.transforms.RandomMap):
         pp: ml_collections.ConfigDict,
         text_keys: tuple[str, ...],
         skipped: _SkipCounter,
-        keep_id: bool,
+        keep_index: bool,
     ):
         self._size = int(pp.image_size)
         self._scale = tuple(pp.crop_scale)
         self._flip = bool(pp.flip)
         self._text_keys = text_keys
         self._skipped = skipped
-        self._keep_id = keep_id
+        self._keep_index = keep_index
 
     def random_map(self, example: dict[str, Any], rng: np.random.Generator) -> dict | None:
         try:
@@ -70,9 +72,17 @@ class _TrainExample(grain.transforms.RandomMap):
         if self._text_keys:
             key = self._text_keys[int(rng.integers(len(self._text_keys)))]
             out["text"] = _to_str(example[key])
-        if self._keep_id:
+        if self._keep_index:  # the cluster-label join: row `index`, checked against `id`
+            out["index"] = example["index"]
             out["id"] = _to_str(example["id"])
         return out
+
+
+def _with_index(num_examples: int, index: int, example: dict[str, Any]) -> dict[str, Any]:
+    """The example with its index in the split (its row in the cluster labels). grain passes
+    the element's position in the stream, epoch * num_examples + i after .repeat(), and the
+    source reads source[index % num_examples]: so does this."""
+    return {**example, "index": index % num_examples}
 
 
 def _to_str(text: bytes | str | np.ndarray) -> str:
@@ -139,7 +149,10 @@ class TrainIterator:
         self.skipped_counter = _SkipCounter()
         context_length = int(config.pp.context_length)
         ds = (
-            grain.MapDataset.source(source)[process_index::process_count]
+            grain.MapDataset.source(source)
+            # Before the per-host slice: the index in the split, not in this host's shard.
+            .map_with_index(functools.partial(_with_index, len(source)))
+            .slice(slice(process_index, None, process_count))
             .shuffle(seed=config.seed)
             .repeat(None)
             .random_map(
@@ -156,7 +169,7 @@ class TrainIterator:
             if text_keys:
                 out["tokens"] = tokenizer.encode([str(t) for t in b["text"]], context_length)
             if labels is not None:
-                out["cluster_labels"] = labels.labels_for(b["id"])
+                out["cluster_labels"] = labels.labels_for(b["index"], b["id"])
             return out
 
         batches = ds.to_iter_dataset(options).batch(host_batch_size, drop_remainder=True)

@@ -4,6 +4,8 @@ One checkpoint = {state: params, opt_state, step, rng} (sharded arrays, Standard
 {data: the grain iterator state} (JSON). Saves are asynchronous; orbax writes each step into a
 temporary directory and renames it when complete, so a crash mid-save leaves no step that
 `latest_step()` would return: a resumed run restarts from the last *complete* checkpoint.
+Export and evaluation read only a subtree of `state` (`restore_subtree`: the encoder's
+parameters).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from mlcd import tree_utils
 
 
 class Checkpointer:
@@ -59,6 +63,36 @@ class Checkpointer:
             ),
         )
         return restored.state, restored.data
+
+    def restore_subtree(self, step: int, target: dict[str, Any]) -> dict[str, Any]:
+        """Restores only the leaves of `target`, a subtree of the saved train state (e.g.
+        {'params': the encoder's parameters}), onto the ShapeDtypeStructs' shardings.
+
+        Nothing else is read: not the optimizer state, step, rng, the data-iterator state, nor
+        parameters `target` leaves out (orbax's partial restore: PyTreeRestore with
+        partial_restore=True reads the leaves of `item` and skips the rest of the checkpoint).
+        Raises naming the first leaf of `target` the checkpoint does not hold (orbax would
+        return such a leaf unrestored, as its ShapeDtypeStruct). For read_only Checkpointers:
+        one that has saved has bound `state` to StandardSave's handler, which orbax then
+        refuses to pair with PyTreeRestore.
+        """
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    item=target,
+                    restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                    partial_restore=True,
+                )
+            ),
+        ).state
+        for path, leaf in jax.tree_util.tree_flatten_with_path(restored)[0]:
+            if isinstance(leaf, jax.ShapeDtypeStruct):
+                raise ValueError(
+                    f"checkpoint {step} in {self.directory} has no {tree_utils.path_str(path)!r} "
+                    "(a checkpoint from a different model?)"
+                )
+        return restored
 
     def wait(self) -> None:
         self._manager.wait_until_finished()

@@ -8,8 +8,9 @@ config.kmeans.num_centers centers, and gives every example its config.assign.top
 centers. Writes to config.out_dir (formats: mlcd/clustering/store.py):
 
     centroids.npy   float32 [C, D], unit rows
-    labels.npz      ids str [N] (the dataset's 'id'), labels int32 [N, l] (best first),
-                    similarities float32 [N, l]
+    labels.npy      int32 [N, l] (best first), row i = example i of the split; with
+                    similarities.npy float32 [N, l], ids.npy str [N] (the dataset's 'id')
+                    and id_hashes.npy uint64 [N] (checked by the trainer's label join)
     clusters.png    cluster sizes, similarities, k-means objective
     clusters.json   written last, {"complete": true, ...}: trust the directory only then
 
@@ -201,7 +202,8 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
         )
     prepare_out_dir(out_dir, config)
     meta_path = os.path.join(out_dir, store.META_FILE)
-    if os.path.exists(meta_path):
+    # A directory finished by an older version (labels.npz) gets its label files written.
+    if os.path.exists(meta_path) and pipeline.labels_written(out_dir):
         log.info("%s is complete; nothing to do", out_dir)
         with open(meta_path) as f:
             return json.load(f)
@@ -210,7 +212,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
         emb = pipeline.embed(config, out_dir, source, lambda: _load_teacher(config))
         centroids, objective = pipeline.run_kmeans(config, out_dir, emb)
         pipeline.assign(config, out_dir, emb, centroids)
-    if not os.path.exists(os.path.join(out_dir, store.LABELS_FILE)):
+    if not pipeline.labels_written(out_dir):
         pipeline.write_labels(out_dir, emb, top_l)
     stats = pipeline.label_stats(out_dir, len(emb.paths), num_centers)
     pipeline.plot(os.path.join(out_dir, store.PLOT_FILE), stats, objective, top_l)
@@ -251,7 +253,7 @@ def format_report(meta: dict[str, Any], out_dir: str) -> str:
     ]
     lines = ["", f"{'clustering':<32} {'value':>10}", f"{'-' * 32} {'-' * 10}"]
     lines += [f"{k:<32} {v!s:>10}" for k, v in rows]
-    files = (store.CENTROIDS_FILE, store.LABELS_FILE, store.PLOT_FILE, store.META_FILE)
+    files = (store.CENTROIDS_FILE, *store.LABEL_FILES, store.PLOT_FILE, store.META_FILE)
     lines += ["", f"outputs:  {out_dir}", "  " + "    ".join(files)]
     return "\n".join(lines)
 

@@ -33,7 +33,9 @@ DEFAULT_EVALS = ("zeroshot", "retrieval")
 def _encoder_from_run(
     workdir: str, step: int | None, batch_size: int = 256
 ) -> tuple[Encoder, dict[str, Any]]:
-    """Encoder over a run's checkpoint (its config.json is already resolved by the trainer)."""
+    """Encoder over a run's checkpoint (its config.json is already resolved by the trainer).
+    Only the encoder's parameters are read, replicated: no optimizer state, no class centers
+    (see restore_run_params)."""
     config, graphdef, params, step = restore_run_params(workdir, step)
     tokenizer = load_tokenizer(config.tokenizer) if config.model.get("text") else None
     encoder = Encoder(

@@ -32,11 +32,11 @@ from jax.sharding import PartitionSpec as P
 
 from input_pipeline import preprocess
 from input_pipeline.tokenizers import load_tokenizer
-from mlcd import optim, sharding, tree_utils
+from mlcd import sharding, tree_utils
 from mlcd.checkpoint import Checkpointer
 from mlcd.encoder import Encoder
 from mlcd.models import encoder_config
-from mlcd.train import abstract_model, abstract_state, init_params
+from mlcd.train import abstract_model, init_params
 
 FORMAT = "mlcd-encoder/1"
 EXPORT_FILE = "export.json"
@@ -76,11 +76,18 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def restore_run_params(workdir: str, step: int | None = None):
-    """(config, graphdef, params, step) of a training run's checkpoint, params replicated over
-    this process's devices (whatever mesh the run was trained on). Reads only."""
+    """(config, graphdef, params, step) of a training run's checkpoint: the exported encoder's
+    graphdef and parameters (`encoder_config`: the model without its training-only heads),
+    replicated over this process's devices (whatever mesh the run was trained on). Reads only.
+
+    Only those parameters are read (Checkpointer.restore_subtree, an orbax partial restore):
+    not the optimizer state, step or rng, nor MLCD's class centers. Restoring the whole train
+    state replicated would put on every device, for an MLCD run at paper scale, the
+    [1,048,576, 768] float32 centers and their two AdamW moments (3 x 3.2 GB) plus the towers'
+    moments, only to read the image tower.
+    """
     config = load_run_config(workdir)
-    graphdef, abstract_params = abstract_model(config.model)
-    tx, _ = optim.make_optimizer(config.optim, abstract_params, config.total_steps)
+    graphdef, abstract_params = abstract_model(encoder_config(config.model))
     ckpt = Checkpointer(workdir, read_only=True)
     steps = ckpt.all_steps()
     if not steps:
@@ -89,7 +96,7 @@ def restore_run_params(workdir: str, step: int | None = None):
     if step not in steps:
         raise ValueError(f"--step {step}: no checkpoint at that step in {workdir} (have {steps})")
     mesh = sharding.make_mesh((("data", -1),))
-    state, _ = ckpt.restore(step, _replicated(abstract_state(tx, abstract_params), mesh))
+    state = ckpt.restore_subtree(step, {"params": _replicated(abstract_params, mesh)})
     return config, graphdef, state["params"], step
 
 
@@ -113,8 +120,6 @@ def export(workdir: str, out: str, step: int | None = None, random_init: bool = 
     else:
         config, _, params, step = restore_run_params(workdir, step)
     model_cfg = encoder_config(config.model)
-    _, encoder_params = abstract_model(model_cfg)
-    params = {k: v for k, v in params.items() if k in encoder_params}
     out = os.path.abspath(out)
     tmp = f"{out}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -154,14 +159,13 @@ def export(workdir: str, out: str, step: int | None = None, random_init: bool = 
 
 
 def init_run_params(workdir: str):
-    """(config, params) with params freshly initialised from the run's model config and
-    config.seed, as mlcd.train does at step 0 (the values do not depend on the mesh), replicated
-    over this process's devices. The class centers (a training-only head) are left random even
-    when config.model.centers_init names a file: they are not part of an export."""
+    """(config, params): the encoder's parameters (`encoder_config`) freshly initialised from
+    the run's model config and config.seed, as mlcd.train does at step 0 (the values do not
+    depend on the mesh), replicated over this process's devices. The training-only heads are
+    not created at all (MLCD's class centers would be [1,048,576, 768] on every device); the
+    towers' values are unchanged by that, as the centers are drawn after them."""
     config = load_run_config(workdir)
-    model_cfg = ml_collections.ConfigDict(config.model.to_dict())
-    if model_cfg.get("centers_init"):
-        model_cfg.centers_init = None
+    model_cfg = encoder_config(config.model)
     _, abstract_params = abstract_model(model_cfg)
     mesh = sharding.make_mesh((("data", -1),))
     shardings = jax.tree.map(lambda _: NamedSharding(mesh, P()), abstract_params)

@@ -19,17 +19,19 @@ def dataset_ids(builder, split: str = "train") -> np.ndarray:
 def write_cluster_output(
     path: str, ids: np.ndarray, labels: np.ndarray, centroids: np.ndarray, complete: bool = True
 ) -> str:
-    """Writes clusters.json, labels.npz and centroids.npy under `path`; returns `path`."""
+    """Writes clusters.json, the label files and centroids.npy under `path`; returns `path`.
+    Row i of the label files is for ids[i] (the split's example i if ids are in source order)."""
     os.makedirs(path, exist_ok=True)
     labels = np.asarray(labels, np.int32)
-    np.savez(
-        os.path.join(path, store.LABELS_FILE),
-        ids=np.asarray(ids, str),
-        labels=labels,
-        similarities=np.linspace(1.0, 0.5, labels.shape[1], dtype=np.float32)[None].repeat(
-            len(labels), 0
-        ),
-    )
+    ids = np.asarray(ids, str)
+    sims = np.linspace(1.0, 0.5, labels.shape[1], dtype=np.float32)[None].repeat(len(labels), 0)
+    for name, array in [
+        (store.IDS_FILE, ids),
+        (store.ID_HASHES_FILE, store.id_hash(ids)),
+        (store.LABELS_FILE, labels),
+        (store.SIMILARITIES_FILE, sims),
+    ]:
+        store.save_npy(os.path.join(path, name), array)
     np.save(os.path.join(path, store.CENTROIDS_FILE), np.asarray(centroids, np.float32))
     meta = {
         "num_centers": int(centroids.shape[0]),

@@ -16,6 +16,7 @@ from conftest import SMALL_SCENES, tiny_overrides
 
 import mlcd
 from configs import common
+from input_pipeline.labels import ClusterLabels
 from mlcd import cluster, export, train
 from mlcd.clustering import pipeline, store
 
@@ -80,7 +81,7 @@ def embeddings(out_dir):
 
 
 def assert_same_outputs(a, b):
-    for name in (store.CENTROIDS_FILE, store.LABELS_FILE, store.KMEANS_STATE_FILE):
+    for name in (store.CENTROIDS_FILE, *store.LABEL_FILES, store.KMEANS_STATE_FILE):
         with open(os.path.join(a, name), "rb") as fa, open(os.path.join(b, name), "rb") as fb:
             assert fa.read() == fb.read(), name
     np.testing.assert_array_equal(np.asarray(embeddings(a)), np.asarray(embeddings(b)))
@@ -102,8 +103,17 @@ def test_end_to_end_outputs(reference, teacher, scenes_builder):
     assert out.ids.dtype.kind == "U" and out.ids.shape == (256,)
     assert out.labels.dtype == np.int32 and out.labels.shape == (256, L)
     assert out.similarities.dtype == np.float32 and out.similarities.shape == (256, L)
+    assert out.id_hashes.dtype == np.uint64 and out.id_hashes.shape == (256,)
+    # Row i is example i of the split (the trainer joins by index), and its id hash is stable:
+    # files written today must match the hashes of any later run.
     source = scenes_builder.as_data_source("train")
-    assert out.ids.tolist() == [source[i]["id"].decode() for i in range(256)]
+    ids = [source[i]["id"].decode() for i in range(256)]
+    assert out.ids.tolist() == ids
+    np.testing.assert_array_equal(out.id_hashes, store.id_hash(ids))
+    assert store.id_hash(["train_00000000"]).tolist() == [1484004951770724266]
+    assert all(isinstance(a, np.memmap) for a in out[1:])  # opened, not read
+    joined = ClusterLabels(reference, C).labels_for(np.arange(256), ids)
+    np.testing.assert_array_equal(joined, out.labels)
 
     # Embeddings are the teacher's, and labels are the brute-force top-l against the centroids.
     emb = np.asarray(embeddings(reference))
@@ -126,6 +136,18 @@ def test_rerun_of_a_complete_run_does_nothing(reference, scenes_dir, teacher, ca
     assert cluster.main(argv(scenes_dir, teacher, reference)) == 0
     assert os.path.getmtime(os.path.join(reference, store.META_FILE)) == before
     assert "mean top-1 similarity" in capsys.readouterr().out
+
+
+def test_directory_without_label_files_gets_them(reference, scenes_dir, teacher, tmp_path):
+    """A directory finished by an older version (labels.npz, no label files) is completed by
+    re-running the command, from the stage files on disk."""
+    out = shutil.copytree(reference, str(tmp_path / "clusters"))
+    for name in store.LABEL_FILES:
+        os.remove(os.path.join(out, name))
+    with pytest.raises(FileNotFoundError, match=r"ids\.npy is missing \(re-run python -m mlcd"):
+        store.load_clusters(out)
+    assert cluster.main(argv(scenes_dir, teacher, out)) == 0
+    assert_same_outputs(reference, out)
 
 
 def wrap(monkeypatch, name, crash_at=None):
@@ -173,9 +195,9 @@ def test_crash_in_every_stage_then_resume_equals_uninterrupted(
     redone = crash("assign_topk", 2, ["kmeans", "write_embedding_shard"])  # shard 0 assigned
     assert redone == {"kmeans": 2, "write_embedding_shard": 0}  # blocks 2-3 and 4-5
     assert os.listdir(os.path.join(out, store.ASSIGN_DIR)) == ["shard_00000.npz"]
-    redone = crash("_assign_shards", 2, ["assign_topk", "kmeans"])  # labels.npz half written
+    redone = crash("_label_shard", 2, ["assign_topk", "kmeans"])  # label files half written
     assert redone == {"assign_topk": 3, "kmeans": 0}
-    assert not os.path.exists(os.path.join(out, store.LABELS_FILE))
+    assert not [f for f in os.listdir(out) if f in store.LABEL_FILES or ".tmp-" in f]
     cluster.run(config)
     assert_same_outputs(reference, out)
 
@@ -298,7 +320,7 @@ def test_resume_refuses_other_config_or_dims(reference, scenes_dir, teacher, tmp
     ):
         cluster.run(config_of(argv(scenes_dir, teacher, out, **{"kmeans.seed": 1})))
     # Centroids of another embedding size (as if the teacher had changed) are not continued.
-    for name in (store.META_FILE, store.LABELS_FILE, store.CENTROIDS_FILE):
+    for name in (store.META_FILE, *store.LABEL_FILES, store.CENTROIDS_FILE):
         os.remove(os.path.join(out, name))
     shutil.rmtree(os.path.join(out, store.ASSIGN_DIR))
     pipeline.save_kmeans_state(

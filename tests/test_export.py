@@ -1,16 +1,25 @@
 """Export -> load_encoder -> evaluate reproduces the trainer's own evaluation exactly, from any
-step and mesh; incomplete or mismatched exports are rejected with a message naming the problem."""
+step and mesh; incomplete or mismatched exports are rejected with a message naming the problem;
+export and evaluation of a run read only the encoder's parameters from its checkpoint."""
 
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
+import tensorstore as ts
 from conftest import tiny_overrides
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from mlcd_fakes import dataset_ids, random_cluster_output
+from test_train import mlcd_overrides
 
 import mlcd
 from configs import common
-from mlcd import evaluate, export, train
+from mlcd import evaluate, export, optim, train
+from mlcd.checkpoint import Checkpointer
+from mlcd.models import encoder_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -143,3 +152,67 @@ def test_random_init_export_is_the_runs_initial_params(run, tmp_path, capsys):
 
     assert export.main(["--workdir", workdir, "--out", out, "--random-init", "--step", "2"]) == 2
     assert "do not give --step" in capsys.readouterr().err
+
+
+def _nbytes(tree) -> int:
+    return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def _file_bytes_read() -> int:
+    """Bytes tensorstore has read from local files in this process so far."""
+    metrics = ts.experimental_collect_matching_metrics("/tensorstore/kvstore/file/bytes_read")
+    return sum(v["value"] for m in metrics for v in m["values"])
+
+
+@pytest.fixture(scope="module")
+def mlcd_run(scenes_builder, scenes_dir, tmp_path_factory):
+    """A 2-step MLCD run whose centers (8192 x 128) outweigh its image tower."""
+    tmp = tmp_path_factory.mktemp("mlcd")
+    labels_dir = random_cluster_output(
+        str(tmp / "clusters"), dataset_ids(scenes_builder), 8192, 8, 128
+    )
+    config = common.load_config(os.path.join(ROOT, "configs/mlcd.py:tiny"))
+    common.parse_overrides(
+        config, mlcd_overrides(scenes_dir, labels_dir, **{"model.num_centers": 8192})
+    )
+    train.train_and_evaluate(config, str(tmp / "run"))
+    return str(tmp / "run")
+
+
+def test_run_export_reads_only_the_encoder_params(mlcd_run, tmp_path):
+    """restore_run_params reads the image tower and nothing else of the checkpoint: no
+    optimizer state, step or rng, no class centers; evaluating the run directly gives the
+    export's embeddings."""
+    config = export.load_run_config(mlcd_run)
+    _, run_params = train.abstract_model(config.model)
+    tx, _ = optim.make_optimizer(config.optim, run_params, config.total_steps)
+    saved = _nbytes(train.abstract_state(tx, run_params))  # what the checkpoint holds
+    _, encoder = train.abstract_model(encoder_config(config.model))
+    encoder_bytes, centers_bytes = _nbytes(encoder), _nbytes(run_params["centers"])
+    assert centers_bytes > encoder_bytes  # so reading the centers could not go unnoticed
+
+    before = _file_bytes_read()
+    _, _, params, step = export.restore_run_params(mlcd_run)
+    read = _file_bytes_read() - before
+    assert step == 2 and sorted(params) == ["image"]  # no centers
+    assert jax.tree.structure(params) == jax.tree.structure(encoder)
+    assert _nbytes(params) == encoder_bytes < saved / 5
+    # From disk: the encoder's arrays (compressed) plus metadata. The centers (> encoder_bytes)
+    # or any AdamW moment of the tower (encoder_bytes each) would take it past the bound.
+    assert read < 1.5 * encoder_bytes, (read, encoder_bytes, saved)
+    replicated = NamedSharding(jax.tree.leaves(params)[0].sharding.mesh, P())
+    assert {x.sharding for x in jax.tree.leaves(params)} == {replicated}
+
+    # The evaluate path uses the same partial restore and the encoder's graphdef.
+    from_run, spec = evaluate.load_model(workdir=mlcd_run)
+    assert spec["step"] == 2 and sorted(from_run.params) == ["image"]
+    exported = mlcd.load_encoder(export.export(mlcd_run, str(tmp_path / "export")))
+    images = np.random.default_rng(0).integers(0, 255, (5, 32, 32, 3), dtype=np.uint8)
+    keys = ("embedding", "pre_logits", "patch_tokens")
+    a, b = exported.embed_images(images, keys=keys), from_run.embed_images(images, keys=keys)
+    for k in keys:
+        np.testing.assert_array_equal(a[k], b[k])
+
+    bogus = {"params": {"extra": jax.ShapeDtypeStruct((3,), np.float32, sharding=replicated)}}
+    with pytest.raises(ValueError, match=r"checkpoint 2 in .* has no 'params/extra'"):
+        Checkpointer(mlcd_run, read_only=True).restore_subtree(2, bogus)

@@ -18,6 +18,7 @@ from configs import common
 from input_pipeline.labels import ClusterLabels
 from input_pipeline.pipeline import TrainIterator
 from mlcd import losses, objectives, optim, sharding, train
+from mlcd.clustering import store
 from mlcd.losses import sharded_classifier as sc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -180,14 +181,22 @@ def ids(scenes_builder):
     return dataset_ids(scenes_builder)
 
 
-def _iterator(scenes_builder, scenes_dir, labels_dir, **extra):
+def _iterator(scenes_builder, scenes_dir, labels_dir, host=(0, 1), **extra):
+    """The MLCD tiny TrainIterator (host batches of 16) of host (index, count)."""
     config = common.load_config(os.path.join(ROOT, "configs/mlcd.py:tiny"))
     overrides = tiny_overrides(scenes_dir, **{"data.labels": labels_dir, **extra})
     common.parse_overrides(config, [o for o in overrides if ".grounding." not in o])
-    return TrainIterator(scenes_builder, config, None, host_batch_size=16)
+    return TrainIterator(
+        scenes_builder,
+        config,
+        None,
+        host_batch_size=16,
+        process_index=host[0],
+        process_count=host[1],
+    )
 
 
-def test_labels_are_joined_by_id_and_resume_exactly(scenes_builder, scenes_dir, ids, tmp_path):
+def test_labels_are_joined_by_index_and_resume_exactly(scenes_builder, scenes_dir, ids, tmp_path):
     # Example i's first label is i: the labels of a batch tell which examples it holds.
     labels = (np.arange(len(ids))[:, None] + np.arange(L)[None]) % 256
     labels_dir = write_cluster_output(str(tmp_path / "c"), ids, labels, np.ones((256, E)))
@@ -209,27 +218,103 @@ def test_labels_are_joined_by_id_and_resume_exactly(scenes_builder, scenes_dir, 
     top2 = next(_iterator(scenes_builder, scenes_dir, labels_dir, **{"data.top_l": 2}))
     np.testing.assert_array_equal(top2["cluster_labels"], labels[top2["cluster_labels"][:, 0], :2])
 
+    # Host 1 of 2 reads source[1::2]: its examples' rows are their indices in the whole split
+    # (the id check would fail otherwise).
+    host1 = _iterator(scenes_builder, scenes_dir, labels_dir, host=(1, 2))
+    got = np.concatenate([next(host1)["cluster_labels"] for _ in range(len(ids) // 32)])
+    np.testing.assert_array_equal(np.sort(got[:, 0]), np.arange(1, len(ids), 2))
+    np.testing.assert_array_equal(got, labels[got[:, 0]])
+
 
 def test_example_without_labels_names_its_id(scenes_builder, scenes_dir, ids, tmp_path):
-    keep = ids != "train_00000007"
-    labels_dir = random_cluster_output(str(tmp_path / "c"), ids[keep], 256, L, E)
+    # As if the clustering ran on train[:255]: the last example has no row.
+    labels_dir = random_cluster_output(str(tmp_path / "c"), ids[:-1], 256, L, E)
     it = _iterator(scenes_builder, scenes_dir, labels_dir)
-    with pytest.raises(ValueError, match=r"example id 'train_00000007' .* no labels in .*c/labels"):
+    with pytest.raises(ValueError, match=r"example id 'train_00000255' .* no labels in .*c/labels"):
         for _ in range(len(ids) // 16):
             next(it)
+
+
+def test_labels_of_another_order_name_the_example(scenes_builder, scenes_dir, ids, tmp_path):
+    # The same examples, rows in another order (e.g. another dataset version): every row of
+    # the file is consistent, but not row i = example i.
+    order = np.random.default_rng(0).permutation(len(ids))
+    labels_dir = random_cluster_output(str(tmp_path / "c"), ids[order], 256, L, E)
+    it = _iterator(scenes_builder, scenes_dir, labels_dir)
+    message = r"labels file does not match this dataset/split: example id 'train_\d{8}' .*c/id_hashes\.npy"
+    with pytest.raises(ValueError, match=message):
+        next(it)
+
+
+def _id_join(ids: np.ndarray, labels: np.ndarray, query: list[str]) -> np.ndarray:
+    """The join by id that the index join replaced: the labels of the rows whose ids match."""
+    row = {str(i): r for r, i in enumerate(ids)}
+    return labels[[row[i] for i in query]]
+
+
+def test_index_join_equals_the_id_join(tmp_path):
+    rng = np.random.default_rng(0)
+    n = 1000
+    # Ids of mixed lengths, non-ASCII included, in no sorted order.
+    ids = np.array([f"{'é' * (i % 3)}img/{rng.integers(1 << 40):x}-{i}" for i in range(n)])
+    labels = rng.integers(-1, 40, (n, 6)).astype(np.int32)
+    path = write_cluster_output(str(tmp_path / "c"), ids, labels, np.ones((40, 4)))
+    for top_l in (None, 3):
+        joined = ClusterLabels(path, 40, top_l)
+        for _ in range(5):
+            index = rng.choice(n, 64, replace=False)
+            got = joined.labels_for(index, ids[index])
+            assert got.dtype == np.int32
+            np.testing.assert_array_equal(
+                got, _id_join(ids, labels, ids[index].tolist())[:, :top_l]
+            )
+    order = ids[::-1]  # a file of another order: the first example's row is another id's
+    bad = ClusterLabels(
+        write_cluster_output(str(tmp_path / "r"), order, labels, np.ones((40, 4))), 40
+    )
+    with pytest.raises(ValueError, match=re.escape(f"example id {str(ids[0])!r} is example 0")):
+        bad.labels_for(np.arange(8), ids[:8])
+
+
+def _anonymous_rss() -> int:
+    """Bytes of this process's anonymous resident memory (not counting mapped files)."""
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith("RssAnon:"))
+    return int(line.split()[1]) * 1024
+
+
+def test_labels_of_2m_examples_are_memory_mapped_not_read(tmp_path):
+    n = 2_000_000
+    ids = np.array([f"ex_{i}" for i in range(n)])
+    labels = np.broadcast_to(np.arange(L, dtype=np.int32), (n, L))
+    path = write_cluster_output(str(tmp_path / "c"), ids, labels, np.ones((16, 4)))
+    index = np.array([0, 123_456, n - 1])
+    query = ids[index]
+    del ids, labels
+    before = _anonymous_rss()
+    joined = ClusterLabels(path, 16)
+    np.testing.assert_array_equal(joined.labels_for(index, query), np.tile(np.arange(L), (3, 1)))
+    # labels.npy is 64 MB and ids.npy 80 MB: neither was read into memory.
+    assert isinstance(joined._labels, np.memmap) and isinstance(joined._id_hashes, np.memmap)
+    assert _anonymous_rss() - before < 16 << 20
 
 
 def test_bad_label_files_are_rejected(ids, tmp_path):
     labels = np.zeros((len(ids), L), np.int32)
     labels[5, 3] = 256
     bad = write_cluster_output(str(tmp_path / "range"), ids, labels, np.ones((256, E)))
-    message = r"range/labels\.npz: labels must be center ids in \[0, 256\).*'train_00000005'"
+    message = r"range/labels\.npy: labels must be center ids in \[0, 256\).*'train_00000005'"
+    joined = ClusterLabels(bad, 256)  # values are checked per batch: opening reads no rows
+    np.testing.assert_array_equal(joined.labels_for(np.arange(5), ids[:5]), labels[:5])
     with pytest.raises(ValueError, match=message):
-        ClusterLabels(bad, 256)
+        joined.labels_for(np.arange(8), ids[:8])
     with pytest.raises(ValueError, match=r"has 256 centers but config\.model\.num_centers=128"):
         ClusterLabels(bad, 128)
     with pytest.raises(ValueError, match=r"config\.data\.top_l=9: .* has 8 labels per example"):
         ClusterLabels(random_cluster_output(str(tmp_path / "ok"), ids, 256, L, E), 256, 9)
+    store.save_npy(os.path.join(bad, store.LABELS_FILE), labels.astype(np.int64))
+    with pytest.raises(ValueError, match=r"range/labels\.npy: int64 \(256, 8\) does not match"):
+        ClusterLabels(bad, 256)
 
     partial = write_cluster_output(
         str(tmp_path / "partial"), ids, labels % 256, np.ones((256, E)), complete=False

@@ -1,10 +1,11 @@
-"""The stages of `python -m mlcd.cluster`: embed -> k-means -> assign -> labels file.
+"""The stages of `python -m mlcd.cluster`: embed -> k-means -> assign -> label files.
 
 Each stage reads the previous one's files and resumes from its own (layout: store.py):
   embed    teacher embeddings of every example, shard by shard; a shard on disk is complete.
   kmeans   spherical k-means in blocks of `save_every` iterations, the state saved after each.
   assign   the top-l centers of every example, one embedding shard at a time.
-  finalize labels.npz (streamed from the shards), clusters.png, and clusters.json last.
+  finalize the label files (ids, id_hashes, labels, similarities .npy in dataset index order,
+           streamed from the shards), clusters.png, and clusters.json last.
 A crash loses at most the shard or the block of iterations in progress.
 
 Resumed == uninterrupted, bit for bit: the teacher sees the same batches (batches start at
@@ -19,7 +20,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent import futures
 from typing import Any
 
@@ -119,6 +120,9 @@ def embed(
     load_teacher: Callable[[], tuple[Encoder, dict[str, Any]]],
 ) -> store.EmbeddingShards:
     """Writes the missing shards of embeddings/ and returns all of them as one array-like.
+
+    Shard s holds examples s * shard_size ... of `source` in index order, so the rows of all
+    shards, concatenated, are the split in index order (the label files rely on it).
 
     Args:
       config: the clustering config (embed.*, data.caption_key, data.num_threads, verbose).
@@ -290,28 +294,41 @@ def assign(
     bar.close()
 
 
-def _assign_shards(out_dir: str, count: int, key: str) -> Iterator[np.ndarray]:
-    for s in range(count):
-        with np.load(store.shard_path(out_dir, store.ASSIGN_DIR, s)) as z:
-            yield z[key]
+def labels_written(out_dir: str) -> bool:
+    """Whether every label file (store.LABEL_FILES) is on disk."""
+    return all(os.path.exists(os.path.join(out_dir, name)) for name in store.LABEL_FILES)
+
+
+def _label_shard(out_dir: str, emb: store.EmbeddingShards, s: int) -> dict[str, np.ndarray]:
+    """The rows of shard `s` for each label file: ids str [n], id_hashes uint64 [n], labels
+    int32 [n, l], similarities float32 [n, l]."""
+    ids = emb.ids(s)
+    with np.load(store.shard_path(out_dir, store.ASSIGN_DIR, s)) as z:
+        labels, sims = z["labels"], z["similarities"]
+    return {
+        store.IDS_FILE: ids,
+        store.ID_HASHES_FILE: store.id_hash(ids),
+        store.LABELS_FILE: labels,
+        store.SIMILARITIES_FILE: sims,
+    }
 
 
 def write_labels(out_dir: str, emb: store.EmbeddingShards, top_l: int) -> None:
-    """labels.npz (ids, labels, similarities), streamed shard by shard from the stage files."""
+    """The label files (store.LABEL_FILES), streamed shard by shard from the stage files.
+
+    Row i is example i of the split: embedding shard s holds examples [s * shard_size, ...) in
+    index order (`embed`), and assign shard s has the same rows.
+    """
     width = max(store.npy_header(p, "ids")[1].itemsize // 4 for p in emb.paths)  # UCS-4
-    n, count = len(emb), len(emb.paths)
-    store.save_npz_streaming(
-        os.path.join(out_dir, store.LABELS_FILE),
-        {
-            "ids": (np.dtype(f"<U{width}"), (n,), (emb.ids(s) for s in range(count))),
-            "labels": (np.int32, (n, top_l), _assign_shards(out_dir, count, "labels")),
-            "similarities": (
-                np.float32,
-                (n, top_l),
-                _assign_shards(out_dir, count, "similarities"),
-            ),
-        },
-    )
+    n = len(emb)
+    specs = {
+        store.IDS_FILE: (np.dtype(f"<U{width}"), (n,)),
+        store.ID_HASHES_FILE: (np.dtype(np.uint64), (n,)),
+        store.LABELS_FILE: (np.dtype(np.int32), (n, top_l)),
+        store.SIMILARITIES_FILE: (np.dtype(np.float32), (n, top_l)),
+    }
+    chunks = (_label_shard(out_dir, emb, s) for s in range(len(emb.paths)))
+    store.save_npy_streaming(out_dir, specs, chunks)
 
 
 def label_stats(out_dir: str, num_shards: int, num_centers: int) -> dict[str, Any]:

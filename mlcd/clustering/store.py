@@ -8,12 +8,21 @@
     <out>/centroids.npy               float32 [C, D], unit rows: the final k-means centers
     <out>/assign/shard_00000.npz      labels int32 [n, l], similarities float32 [n, l] of the
                                       embedding shard with the same number
-    <out>/labels.npz                  ids str [N], labels int32 [N, l] (best first),
-                                      similarities float32 [N, l]
+    <out>/ids.npy                     str [N] ('<U{width}'), the dataset's 'id' of each row
+    <out>/id_hashes.npy               uint64 [N], id_hash() of each row's id
+    <out>/labels.npy                  int32 [N, l]: the top-l center ids, best first
+    <out>/similarities.npy            float32 [N, l]: cosine similarity to those centers
     <out>/clusters.png                histograms of cluster sizes and of top-1 / top-l similarity
     <out>/clusters.json               written LAST: {"num_centers", "top_l", "embed_dim",
                                       "num_examples", "teacher", "dataset", "split", "features",
                                       "complete": true, ...}
+
+The four label files are plain .npy arrays in DATASET INDEX ORDER: row i is example i of the
+split (source[i]; the embedding shards hold the split in index order, shard after shard). They
+are memory-mapped by their readers (`load_clusters`, input_pipeline.labels): a training host
+reads only the rows of its batches, whatever N is (at 400M examples labels.npy is 13 GB and
+ids.npy tens of GB, which no host should hold). A reader looks a row up by the example's index
+and checks its id against id_hashes.npy, a fixed 8 bytes per row, without reading ids.npy.
 
 Every file is written under a temporary name in its final directory and renamed into place
 (`os.replace` is atomic on POSIX), so a file is either complete or absent, whenever the process
@@ -25,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import json
 import os
 import zipfile
@@ -38,7 +48,11 @@ EMBEDDINGS_DIR = "embeddings"
 ASSIGN_DIR = "assign"
 KMEANS_STATE_FILE = "kmeans_state.npz"
 CENTROIDS_FILE = "centroids.npy"
-LABELS_FILE = "labels.npz"
+IDS_FILE = "ids.npy"
+ID_HASHES_FILE = "id_hashes.npy"
+LABELS_FILE = "labels.npy"
+SIMILARITIES_FILE = "similarities.npy"
+LABEL_FILES = (IDS_FILE, ID_HASHES_FILE, LABELS_FILE, SIMILARITIES_FILE)
 PLOT_FILE = "clusters.png"
 META_FILE = "clusters.json"
 _TMP = ".tmp-"  # infix of temporary files: "<final name>.tmp-<pid>"
@@ -90,29 +104,43 @@ def save_json(path: str, obj: Any) -> None:
         f.write((json.dumps(obj, indent=2) + "\n").encode())
 
 
-def save_npz_streaming(
-    path: str, members: dict[str, tuple[np.dtype, tuple[int, ...], Iterable[np.ndarray]]]
+def save_npy_streaming(
+    out_dir: str,
+    specs: dict[str, tuple[np.dtype, tuple[int, ...]]],
+    chunks: Iterable[dict[str, np.ndarray]],
 ) -> None:
-    """Writes an .npz (readable by np.load) whose arrays arrive in row chunks, atomically.
+    """Writes the .npy files `out_dir/<name>` of `specs` (name -> (dtype, shape)), whose rows
+    arrive together in chunks (name -> the next rows, cast to the dtype), atomically.
 
-    members: name -> (dtype, shape, chunks); the chunks, concatenated along dim 0, must fill
-    `shape` exactly (each is cast to `dtype`, e.g. str ids to the common '<U{width}'). Only one
-    chunk is in memory at a time, so N is bounded by the disk (400M labels do not fit in RAM).
+    The chunks, concatenated along dim 0, must fill each shape exactly. Only one chunk is in
+    memory at a time, so N is bounded by the disk (400M labels do not fit in RAM). The files
+    are renamed into place one by one after the last chunk: a crash before leaves none of them.
     """
-    with atomic_file(path) as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
-        for name, (dtype, shape, chunks) in members.items():
-            dtype = np.dtype(dtype)
-            header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False}
-            rows = 0
-            # The size is unknown to zipfile up front: force_zip64 allows members > 2 GiB.
-            with z.open(name + ".npy", "w", force_zip64=True) as member:
-                np.lib.format.write_array_header_2_0(member, {**header, "shape": tuple(shape)})
-                for chunk in chunks:
-                    chunk = np.ascontiguousarray(chunk, dtype)
-                    rows += chunk.shape[0]
-                    member.write(chunk.tobytes())
-            if rows != shape[0]:
-                raise ValueError(f"{path}: {name} got {rows} rows, expected {shape[0]}")
+    with contextlib.ExitStack() as stack:
+        files = {
+            name: stack.enter_context(atomic_file(os.path.join(out_dir, name))) for name in specs
+        }
+        for name, (dtype, shape) in specs.items():
+            descr = np.lib.format.dtype_to_descr(np.dtype(dtype))
+            header = {"descr": descr, "fortran_order": False, "shape": tuple(shape)}
+            np.lib.format.write_array_header_2_0(files[name], header)
+        rows = dict.fromkeys(specs, 0)
+        for chunk in chunks:
+            for name, (dtype, _) in specs.items():
+                part = np.ascontiguousarray(chunk[name], dtype)
+                rows[name] += part.shape[0]
+                files[name].write(part.tobytes())
+        for name, (_, shape) in specs.items():
+            if rows[name] != shape[0]:
+                raise ValueError(f"{out_dir}/{name}: got {rows[name]} rows, expected {shape[0]}")
+
+
+def id_hash(ids: Iterable[str]) -> np.ndarray:
+    """uint64 [n]: a 64-bit hash of each example id, the first 8 bytes (little-endian) of
+    blake2b of its UTF-8 bytes. Stable across processes, hosts and Python versions (Python's
+    hash() of a str is salted per process)."""
+    digests = b"".join(hashlib.blake2b(str(i).encode(), digest_size=8).digest() for i in ids)
+    return np.frombuffer(digests, np.dtype("<u8"))
 
 
 def npy_header(path: str, name: str) -> tuple[tuple[int, ...], np.dtype]:
@@ -195,18 +223,21 @@ class EmbeddingShards:
 
 
 class Clusters(NamedTuple):
-    """A complete clustering output (see the module docstring for shapes)."""
+    """A complete clustering output (see the module docstring for shapes and dtypes); every
+    array is memory-mapped read-only (np.memmap), so opening one reads no rows."""
 
     meta: dict[str, Any]
     centroids: np.ndarray
     ids: np.ndarray
     labels: np.ndarray
     similarities: np.ndarray
+    id_hashes: np.ndarray
 
 
 def load_clusters(out_dir: str) -> Clusters:
-    """Reads a finished clustering directory; FileNotFoundError / ValueError naming the file
-    when it is incomplete (no clusters.json with complete = true) or inconsistent."""
+    """Opens a finished clustering directory; FileNotFoundError / ValueError naming the file
+    when it is incomplete (no clusters.json with complete = true, a file missing) or an array's
+    shape or dtype does not match clusters.json."""
     meta_path = os.path.join(out_dir, META_FILE)
     if not os.path.isfile(meta_path):
         raise FileNotFoundError(f"{out_dir} is not a complete clustering: {META_FILE} is missing")
@@ -214,14 +245,37 @@ def load_clusters(out_dir: str) -> Clusters:
         meta = json.load(f)
     if meta.get("complete") is not True:
         raise ValueError(f"{meta_path}: complete is not true")
-    centroids = np.load(os.path.join(out_dir, CENTROIDS_FILE))
-    with np.load(os.path.join(out_dir, LABELS_FILE)) as z:
-        ids, labels, sims = z["ids"], z["labels"], z["similarities"]
-    expected = (meta["num_centers"], meta["embed_dim"])
-    if centroids.shape != expected or labels.shape != (meta["num_examples"], meta["top_l"]):
-        raise ValueError(
-            f"{out_dir}: centroids {centroids.shape} / labels {labels.shape} do not match "
-            f"{META_FILE} (num_centers, embed_dim) = {expected}, "
-            f"(num_examples, top_l) = ({meta['num_examples']}, {meta['top_l']})"
-        )
-    return Clusters(meta, centroids, ids, labels, sims)
+    n, top_l = meta["num_examples"], meta["top_l"]
+    expected = {  # name -> (shape, dtype); ids: any '<U{width}'
+        CENTROIDS_FILE: ((meta["num_centers"], meta["embed_dim"]), np.dtype(np.float32)),
+        IDS_FILE: ((n,), np.dtype(str)),
+        ID_HASHES_FILE: ((n,), np.dtype(np.uint64)),
+        LABELS_FILE: ((n, top_l), np.dtype(np.int32)),
+        SIMILARITIES_FILE: ((n, top_l), np.dtype(np.float32)),
+    }
+    arrays = {}
+    for name, (shape, dtype) in expected.items():
+        path = os.path.join(out_dir, name)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{out_dir} is not a complete clustering: {name} is missing (re-run "
+                "python -m mlcd.cluster with its config: it writes the missing files)"
+            )
+        # Memory-mapped: at 400M examples these files are tens of GB (module docstring).
+        array = np.load(path, mmap_mode="r")
+        same_dtype = array.dtype.kind == "U" if dtype.kind == "U" else array.dtype == dtype
+        if array.shape != shape or not same_dtype:
+            raise ValueError(
+                f"{path}: {array.dtype} {array.shape} does not match {META_FILE}, which needs "
+                f"{dtype.name} {shape} ((num_centers, embed_dim) = ({meta['num_centers']}, "
+                f"{meta['embed_dim']}), (num_examples, top_l) = ({n}, {top_l}))"
+            )
+        arrays[name] = array
+    return Clusters(
+        meta,
+        centroids=arrays[CENTROIDS_FILE],
+        ids=arrays[IDS_FILE],
+        labels=arrays[LABELS_FILE],
+        similarities=arrays[SIMILARITIES_FILE],
+        id_hashes=arrays[ID_HASHES_FILE],
+    )
