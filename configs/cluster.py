@@ -56,6 +56,11 @@ def base_config() -> ml_collections.ConfigDict:
     # shards in chunks of that many rows every iteration (N bounded by disk, not memory).
     c.kmeans.chunk_size = ml_collections.config_dict.placeholder(int)
     c.kmeans.save_every = 1  # iterations between saves of kmeans_state.npz (the resume point)
+    # None: exact Lloyd. An int k_c: the candidate assignment (mlcd/clustering/kmeans.py), an
+    # exact pass every refresh_every iterations and k_c centers scored per row in between. Each
+    # save block restarts with an exact pass: keep save_every a multiple of refresh_every.
+    c.kmeans.candidates = ml_collections.config_dict.placeholder(int)
+    c.kmeans.refresh_every = 5
 
     c.assign = ml_collections.ConfigDict()
     c.assign.top_l = 8

@@ -64,20 +64,29 @@ def brute_topk(x, c, k):
     return ids, np.take_along_axis(s, ids, axis=1)
 
 
-def numpy_lloyd(x, centers, iterations, spherical):
-    """Reference Lloyd iterations (no empty clusters expected); returns centers, objectives."""
+def numpy_lloyd(x, centers, iterations, spherical, candidates=None, refresh_every=1):
+    """Reference Lloyd iterations (no empty clusters expected); returns centers, objectives.
+
+    With `candidates` (k_c): iterations t % refresh_every == 0 score every center and keep each
+    row's k_c best ids; the others score only those (kmeans(..., candidates=k_c))."""
     x = x.astype(np.float64)
     c = centers.astype(np.float64)
     if spherical:
         x = unit_rows(x)
     objectives = []
-    for _ in range(iterations):
+    rows = np.arange(len(x))
+    for t in range(iterations):
         if spherical:
             s = x @ c.T
         else:
             s = -((x[:, None, :] - c[None]) ** 2).sum(-1)
-        a = np.argmax(s, axis=1)
-        best = s[np.arange(len(x)), a]
+        if candidates is not None and t % refresh_every == 0:
+            cand = np.argsort(-s, axis=1, kind="stable")[:, :candidates]
+        if candidates is not None and t % refresh_every != 0:
+            a = cand[rows, np.argmax(np.take_along_axis(s, cand, axis=1), axis=1)]
+        else:
+            a = np.argmax(s, axis=1)
+        best = s[rows, a]
         objectives.append(best.mean() if spherical else -best.mean())
         sums = np.zeros_like(c)
         np.add.at(sums, a, x)
@@ -193,6 +202,42 @@ def test_kmeans_tiled_matches_numpy_lloyd(data, small_tiles, mesh, spherical):
     np.testing.assert_allclose(res, ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("mesh", [None, (8, 1), (2, 4)])
+@pytest.mark.parametrize("spherical", [True, False])
+def test_kmeans_candidates_match_numpy_reference(data, mesh, spherical):
+    # k_c = 3 of 16 centers, an exact pass every 3 iterations: iterations 1, 2, 4 and 5 score
+    # only each row's candidates. The random init puts every row far from its final center, so
+    # rows do move beyond their 3 candidates and the result differs from exact Lloyd.
+    init = data[::19][:K]
+    kw = dict(iterations=6, init=init, spherical=spherical, return_info=True)
+    res = on_mesh(mesh, clustering.kmeans, data, K, candidates=3, refresh_every=3, **kw)
+    start = unit_rows(init) if spherical else init
+    ref_centers, ref_obj = numpy_lloyd(data, start, 6, spherical, candidates=3, refresh_every=3)
+    np.testing.assert_allclose(res.centers, ref_centers, atol=1e-5)
+    np.testing.assert_allclose(res.objective, ref_obj, rtol=1e-5)
+    exact_centers, _ = numpy_lloyd(data, start, 6, spherical)
+    assert np.abs(ref_centers - exact_centers).max() > 1e-3  # the test can tell them apart
+    if spherical:
+        assert np.all(np.diff(res.objective) >= -1e-6), res.objective
+
+
+def test_kmeans_candidates_all_centers_is_exact(data, reference_run):
+    res = clustering.kmeans(
+        data, K, iterations=6, seed=3, candidates=K, refresh_every=4, return_info=True
+    )
+    np.testing.assert_allclose(res.centers, reference_run.centers, atol=1e-5)
+    np.testing.assert_allclose(res.objective, reference_run.objective, rtol=1e-6)
+
+
+@pytest.mark.parametrize("mesh", [None, (4, 2)])
+def test_kmeans_candidates_streamed_equals_resident(data, mesh):
+    kw = dict(iterations=5, seed=3, candidates=4, refresh_every=2, return_info=True)
+    resident = clustering.kmeans(data, K, **kw)
+    res = on_mesh(mesh, clustering.kmeans, data, K, chunk_size=70, **kw)
+    np.testing.assert_allclose(res.centers, resident.centers, atol=1e-5)
+    np.testing.assert_allclose(res.objective, resident.objective, rtol=1e-6)
+
+
 def test_kmeans_euclidean_sharded_equals_unsharded(data):
     ref = clustering.kmeans(data, K, iterations=4, seed=2, spherical=False)
     res = on_mesh((2, 4), clustering.kmeans, data, K, iterations=4, seed=2, spherical=False)
@@ -272,12 +317,18 @@ def test_no_device_holds_the_full_center_matrix(data):
         chunk, num_valid = next(iter(chunks))
         sums, counts = np.zeros((64, 5), np.float32), np.zeros(64, np.int32)
         sums, counts = (jax.device_put(a, centers.sharding) for a in (sums, counts))
-        args = (chunk, num_valid, centers, sums, counts)
-        hlo = (
-            kmeans_mod._accumulate.lower(*args, plan=chunks.plan, spherical=True)
-            .compile()
-            .as_text()
-        )
+        candidates = jax.device_put(np.zeros((304, 3), np.int32), chunk.sharding)
+        hlo = ""
+        for mode, cand, k_c in [
+            ("exact", None, None),
+            ("refresh", None, 3),
+            ("candidates", candidates, None),
+        ]:
+            args = (chunk, num_valid, centers, sums, counts, cand)
+            lowered = kmeans_mod._accumulate.lower(
+                *args, plan=chunks.plan, spherical=True, mode=mode, num_candidates=k_c
+            )
+            hlo += lowered.compile().as_text()
         update_hlo = kmeans_mod._update.lower(centers, sums, counts, None, spherical=True)
         update_hlo = update_hlo.compile().as_text()
     shapes = set(re.findall(r"f32\[[0-9,]+\]", hlo + update_hlo))
@@ -308,6 +359,12 @@ def test_kmeans_errors(data):
         clustering.kmeans(data, K, chunk_size=0)
     with pytest.raises(ValueError, match="leave chunk_size=None"):
         clustering.kmeans(data, K, backend="faiss", chunk_size=10)
+    with pytest.raises(ValueError, match=r"candidates=17 must be None \(exact\) or an int in"):
+        clustering.kmeans(data, K, candidates=K + 1)
+    with pytest.raises(ValueError, match="refresh_every=0 must be an int >= 1"):
+        clustering.kmeans(data, K, candidates=2, refresh_every=0)
+    with pytest.raises(ValueError, match="candidates needs backend='jax'"):
+        clustering.kmeans(data, K, candidates=2, backend="faiss")
 
 
 # ----------------------------------------------------------------------------------------------

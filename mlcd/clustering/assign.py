@@ -110,16 +110,17 @@ def block_top1(
 
 
 def block_topk(
-    x: jax.Array, centers: jax.Array, k: int, plan: _data.Plan
+    x: jax.Array, centers: jax.Array, k: int, plan: _data.Plan, bias: jax.Array | None = None
 ) -> tuple[jax.Array, jax.Array]:
-    """Top-k scores x @ centers.T of every row, sorted descending, one tile at a time.
+    """Top-k scores x @ centers.T (+ bias, see block_top1) of every row, sorted descending, one
+    tile at a time.
 
     x float32 [plan.padded, D], centers float32 [K, D], k <= K. Returns (scores float32
     [padded, k], index int32 [padded, k] into `centers`); equal scores in increasing index
     order (lax.top_k keeps the lower position first; the running top-k precedes each new tile).
     """
     tile = min(centers.shape[0], max(plan.center_tile, k))
-    c, b = _tiles(centers, None, tile)
+    c, b = _tiles(centers, bias, tile)
     offsets = jnp.arange(1, c.shape[0], dtype=jnp.int32) * tile
 
     def one_block(xb):
@@ -143,26 +144,85 @@ def block_topk(
     return vals.reshape(-1, k), idx.reshape(-1, k).astype(jnp.int32)
 
 
+def block_candidates_top1(
+    x: jax.Array,
+    centers: jax.Array,
+    bias: jax.Array | None,
+    candidates: jax.Array,
+    offset: jax.Array | int,
+    plan: _data.Plan,
+) -> tuple[jax.Array, jax.Array]:
+    """Best center of every row among its own candidate centers, one row block at a time.
+
+    Scores only s_ij = x_i . c_{candidates[i, j]} (+ bias): k_c D multiply-adds per row instead
+    of K D. A candidate is scored by this device only if it lies in this device's block of
+    centers, global ids [offset, offset + K_local); the others score -inf (another device
+    scores them).
+
+    Args:
+      x: float32 [plan.padded, D].
+      centers: float32 [K_local, D] (a device's local block when sharded).
+      bias: float32 [K_local] (see block_top1) or None.
+      candidates: int32 [plan.padded, k_c] global center ids.
+      offset: global id of centers[0].
+      plan: the row tiling of x.
+    Returns:
+      (best float32 [padded], index int32 [padded] into `centers`); -inf and an arbitrary
+      index for a row none of whose candidates this device holds. Ties: the earlier candidate.
+    """
+    k_local = centers.shape[0]
+    k_c = candidates.shape[1]
+
+    def one_block(args):
+        xb, cb = args
+        local = cb - offset
+        mine = (local >= 0) & (local < k_local)
+        local = jnp.clip(local, 0, k_local - 1)
+        # [block, k_c, D] gathered rows: block * k_c * D floats (4 MiB at 1024 x 8 x 128).
+        s = jnp.einsum("bd,bkd->bk", xb, centers[local])
+        if bias is not None:
+            s = s + bias[local]
+        pos, best = first_argmax(jnp.where(mine, s, -jnp.inf))
+        return best, jnp.take_along_axis(local, pos[:, None], axis=1)[:, 0]
+
+    best, idx = jax.lax.map(
+        one_block, (_blocks(x, plan), candidates.reshape(plan.num_blocks, plan.block, k_c))
+    )
+    return best.reshape(-1), idx.reshape(-1)
+
+
+def merge_topk(
+    vals: jax.Array, ids: jax.Array, k: int, axes: tuple[str, ...]
+) -> tuple[jax.Array, jax.Array]:
+    """Global top-k of each row from every device's local top-k' (inside shard_map).
+
+    vals float32 / ids int32 [rows, k'] (global center ids) of ALL rows on every device, rows a
+    multiple of the device count n. An all_to_all sends row block r's candidates to device r,
+    which keeps the top-k of its rows' n * k' candidates: returns (ids int32, vals float32)
+    [rows / n, k], sorted descending; equal scores in increasing global id order.
+    """
+    n = jax.lax.axis_size(axes)
+    kk = vals.shape[1]
+    # Afterwards dim 0 is the source shard, in shard order, so equal scores stay in increasing
+    # global id order for the final top_k.
+    vals = jax.lax.all_to_all(vals.reshape(n, -1, kk), axes, 0, 0)
+    ids = jax.lax.all_to_all(ids.reshape(n, -1, kk), axes, 0, 0)
+    rows = vals.shape[1]
+    vals = vals.transpose(1, 0, 2).reshape(rows, n * kk)
+    ids = ids.transpose(1, 0, 2).reshape(rows, n * kk)
+    top, pos = jax.lax.top_k(vals, k)
+    return jnp.take_along_axis(ids, pos, axis=1), top
+
+
 def _assign_shard(x, centers, *, k: int, plan: _data.Plan, axes: tuple[str, ...]):
     """Per-device body of the sharded assignment: this device's rows' global top-k.
 
     x [padded / n, D] (this device's rows), centers [K / n, D] (this device's centers).
     """
-    n = jax.lax.axis_size(axes)
     k_local = centers.shape[0]
     x = jax.lax.all_gather(x, axes, tiled=True)  # [padded, D]: every row meets every shard
-    kk = min(k, k_local)
-    vals, idx = block_topk(x, centers, kk, plan)
-    idx = idx + jax.lax.axis_index(axes) * k_local  # global center ids
-    # Send row block r's candidates to device r: afterwards dim 0 is the source shard, in
-    # shard order, so equal scores stay in increasing global id order for the final top_k.
-    vals = jax.lax.all_to_all(vals.reshape(n, -1, kk), axes, 0, 0)
-    idx = jax.lax.all_to_all(idx.reshape(n, -1, kk), axes, 0, 0)
-    rows = vals.shape[1]
-    vals = vals.transpose(1, 0, 2).reshape(rows, n * kk)
-    idx = idx.transpose(1, 0, 2).reshape(rows, n * kk)
-    top, pos = jax.lax.top_k(vals, k)
-    return jnp.take_along_axis(idx, pos, axis=1), top
+    vals, idx = block_topk(x, centers, min(k, k_local), plan)
+    return merge_topk(vals, idx + jax.lax.axis_index(axes) * k_local, k, axes)
 
 
 @functools.partial(jax.jit, static_argnames=("k", "plan"))

@@ -242,6 +242,8 @@ def run_kmeans(
             init=cfg.init if centroids is None else centroids,
             init_sample_size=cfg.init_sample_size,
             chunk_size=cfg.chunk_size,
+            candidates=cfg.candidates,
+            refresh_every=cfg.refresh_every,
             backend=cfg.backend,
             return_info=True,
         )
