@@ -321,17 +321,7 @@ def _lloyd(
     return KMeansResult(centers, sums / data.rows, sums, reseeded, np.asarray(seconds))
 
 
-def _check_args(
-    rows,
-    num_centers,
-    iterations,
-    init,
-    init_sample_size,
-    chunk_size,
-    backend,
-    candidates,
-    refresh_every,
-):
+def _check_args(rows, num_centers, iterations, init, init_sample_size, chunk_size, backend):
     if not isinstance(num_centers, int | np.integer) or not 1 <= num_centers <= rows:
         raise ValueError(
             f"num_centers={num_centers} must be an int in [1, N] with N={rows} rows of x."
@@ -352,6 +342,9 @@ def _check_args(
         raise ValueError(f"backend must be one of {BACKENDS}; got backend={backend!r}.")
     if backend == "faiss" and chunk_size is not None:
         raise ValueError("backend='faiss' needs all of x in host memory: leave chunk_size=None.")
+
+
+def _check_candidates(candidates, refresh_every, num_centers, backend):
     if candidates is not None:
         if not isinstance(candidates, int | np.integer) or not 1 <= candidates <= num_centers:
             raise ValueError(
@@ -414,17 +407,8 @@ def kmeans(
       centers float32 [K, D] (a jax.Array sharded along K under a mesh), or a KMeansResult.
     """
     rows, dim = _data.check_data(x, "x")
-    _check_args(
-        rows,
-        num_centers,
-        iterations,
-        init,
-        init_sample_size,
-        chunk_size,
-        backend,
-        candidates,
-        refresh_every,
-    )
+    _check_args(rows, num_centers, iterations, init, init_sample_size, chunk_size, backend)
+    _check_candidates(candidates, refresh_every, num_centers, backend)
     num_centers = int(num_centers)
     rng = np.random.default_rng(seed)
     if not isinstance(init, str):
