@@ -18,6 +18,7 @@ from mlcd.sharding import make_mesh
 
 # The package's `kmeans` attribute is the function; the module holds the kernels.
 kmeans_mod = importlib.import_module("mlcd.clustering.kmeans")
+assign_mod = importlib.import_module("mlcd.clustering.assign")
 
 MESHES = [(8, 1), (4, 2), (2, 4)]
 N, D, K = 300, 8, 16
@@ -64,11 +65,22 @@ def brute_topk(x, c, k):
     return ids, np.take_along_axis(s, ids, axis=1)
 
 
-def numpy_lloyd(x, centers, iterations, spherical, candidates=None, refresh_every=1):
+def group_topk(s, k, group):
+    """Reference of block_topk's grouped top-k: the best center (lowest id on ties) of each of
+    the k best groups of `group` consecutive ids (lowest group on ties); returns ids, scores."""
+    within = np.argmax(s.reshape(len(s), -1, group), axis=2)  # argmax: the first maximum
+    best = np.take_along_axis(s.reshape(len(s), -1, group), within[..., None], axis=2)[..., 0]
+    order = np.argsort(-best, axis=1, kind="stable")[:, :k]
+    ids = order * group + np.take_along_axis(within, order, axis=1)
+    return ids, np.take_along_axis(best, order, axis=1)
+
+
+def numpy_lloyd(x, centers, iterations, spherical, candidates=None, refresh_every=1, group=1):
     """Reference Lloyd iterations (no empty clusters expected); returns centers, objectives.
 
     With `candidates` (k_c): iterations t % refresh_every == 0 score every center and keep each
-    row's k_c best ids; the others score only those (kmeans(..., candidates=k_c))."""
+    row's k_c best ids (grouped as in block_topk when group > 1); the others score only those
+    (kmeans(..., candidates=k_c))."""
     x = x.astype(np.float64)
     c = centers.astype(np.float64)
     if spherical:
@@ -81,7 +93,7 @@ def numpy_lloyd(x, centers, iterations, spherical, candidates=None, refresh_ever
         else:
             s = -((x[:, None, :] - c[None]) ** 2).sum(-1)
         if candidates is not None and t % refresh_every == 0:
-            cand = np.argsort(-s, axis=1, kind="stable")[:, :candidates]
+            cand = group_topk(s, candidates, group)[0]
         if candidates is not None and t % refresh_every != 0:
             a = cand[rows, np.argmax(np.take_along_axis(s, cand, axis=1), axis=1)]
         else:
@@ -119,6 +131,21 @@ def small_tiles(monkeypatch):
     center tile padded (16 = 5 + 5 + 5 + 1; 8 per device = 5 + 3)."""
     monkeypatch.setattr(_data, "BLOCK_ROWS", 64)
     monkeypatch.setattr(_data, "CENTER_TILE", 5)
+
+
+@pytest.mark.parametrize(("center_tile", "group"), [(1024, 4), (8, 2), (8, 1)])
+def test_block_topk_in_groups_matches_reference(int_data, monkeypatch, center_tile, group):
+    # Integer data: many ties, broken by the lowest id within a group and the lowest group.
+    # center_tile 8: two tiles of 16 centers, merged; group 1 is the exact top-k.
+    monkeypatch.setattr(_data, "CENTER_TILE", center_tile)
+    x, c = int_data
+    plan = _data.plan_rows(len(x), 1)
+    xp = np.pad(x, ((0, plan.padded - len(x)), (0, 0)))
+    vals, ids = jax.jit(lambda a, b: assign_mod.block_topk(a, b, 3, plan, None, group=group))(xp, c)
+    ref_ids, ref_vals = group_topk(x.astype(np.float64) @ c.T.astype(np.float64), 3, group)
+    np.testing.assert_array_equal(np.asarray(ids)[: len(x)], ref_ids)
+    np.testing.assert_array_equal(np.asarray(vals)[: len(x)], ref_vals)
+    np.testing.assert_array_equal(ref_ids[:, 0], brute_topk(x, c, 1)[0][:, 0])  # exact top-1
 
 
 @pytest.mark.parametrize("mesh", [None, (4, 2)])
@@ -219,6 +246,23 @@ def test_kmeans_candidates_match_numpy_reference(data, mesh, spherical):
     assert np.abs(ref_centers - exact_centers).max() > 1e-3  # the test can tell them apart
     if spherical:
         assert np.all(np.diff(res.objective) >= -1e-6), res.objective
+
+
+@pytest.mark.parametrize("mesh", [None, (2, 4)])
+def test_kmeans_candidates_in_groups_match_numpy_reference(data, monkeypatch, mesh):
+    # 48 centers in groups of 2: 24 groups on one device, 3 of the 6 centers per device on the
+    # 8 devices of (2, 4) (each device's 3 group winners, merged across devices).
+    monkeypatch.setattr(kmeans_mod, "CANDIDATE_GROUP", 2)
+    init = data[::6][:48]
+    kw = dict(iterations=5, init=init, candidates=3, refresh_every=2, return_info=True)
+    res = on_mesh(mesh, clustering.kmeans, data, 48, **kw)
+    ref_centers, ref_obj = numpy_lloyd(
+        data, unit_rows(init), 5, True, candidates=3, refresh_every=2, group=2
+    )
+    np.testing.assert_allclose(res.centers, ref_centers, atol=1e-5)
+    np.testing.assert_allclose(res.objective, ref_obj, rtol=1e-5)
+    ungrouped, _ = numpy_lloyd(data, unit_rows(init), 5, True, candidates=3, refresh_every=2)
+    assert np.abs(ref_centers - ungrouped).max() > 1e-3  # the grouping shows in the result
 
 
 def test_kmeans_candidates_all_centers_is_exact(data, reference_run):
@@ -326,7 +370,7 @@ def test_no_device_holds_the_full_center_matrix(data):
         ]:
             args = (chunk, num_valid, centers, sums, counts, cand)
             lowered = kmeans_mod._accumulate.lower(
-                *args, plan=chunks.plan, spherical=True, mode=mode, num_candidates=k_c
+                *args, plan=chunks.plan, spherical=True, mode=mode, num_candidates=k_c, group=1
             )
             hlo += lowered.compile().as_text()
         update_hlo = kmeans_mod._update.lower(centers, sums, counts, None, spherical=True)

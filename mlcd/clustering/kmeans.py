@@ -20,7 +20,9 @@ k_c best centers. In the iterations between, a row is scored only against those 
 further than a few neighbouring centers from one iteration to the next: on the uniform data of
 bench/kmeans.py (200,000 x 128, K = 1,024) the new best center was among a row's previous 8
 best in 96.5% of rows after the first iteration and in 99.9% or more from the fourth on, and
-among its previous 16 in 99.9% or more from the first. The objective still never decreases (a
+among its previous 16 in 99.9% or more from the first. The k_c recorded are the best center of
+each of the row's k_c best groups of CANDIDATE_GROUP consecutive center ids (the exact top-k_c
+unless two share a group): a full top-k costs more than the pass's matmul on a CPU. The objective still never decreases (a
 row's own center is always among its candidates); a re-seeded center takes part from the next
 exact pass on. Ties among candidates go to the earlier (better-ranked) candidate.
 
@@ -61,6 +63,9 @@ from mlcd.losses import _mesh
 from mlcd.sharding import batch_spec
 
 BACKENDS = ("jax", "faiss")
+# Exact passes of the candidate assignment record, as a row's candidates, the best center of
+# each of its k_c best groups of this many consecutive center ids (assign.block_topk).
+CANDIDATE_GROUP = 8
 _TINY = float(np.finfo(np.float32).tiny)
 
 
@@ -88,7 +93,19 @@ class KMeansResult(NamedTuple):
 
 
 def _accumulate_shard(
-    x, num_valid, centers, sums, counts, candidates, *, plan, spherical, mode, num_candidates, axes
+    x,
+    num_valid,
+    centers,
+    sums,
+    counts,
+    candidates,
+    *,
+    plan,
+    spherical,
+    mode,
+    num_candidates,
+    group,
+    axes,
 ):
     """Adds one chunk's per-center sums and counts; returns them, the chunk's objective sum and,
     in mode 'refresh', each row's new candidates (None otherwise).
@@ -96,8 +113,9 @@ def _accumulate_shard(
     x [padded / n, D] this device's rows of the chunk (all rows when axes is None), padded
     rows last; num_valid: int scalar, the real rows; centers, sums [K / n, D], counts [K / n].
     mode: 'exact' scores every center; 'refresh' too, and also returns int32 [padded / n, k_c]
-    global ids of each of this device's rows' k_c = num_candidates best centers; 'candidates'
-    scores only `candidates`, int32 [padded / n, k_c] global ids per row (None otherwise).
+    global ids of each of this device's rows' k_c = num_candidates best centers (one per group
+    of `group` consecutive ids: assign.block_topk); 'candidates' scores only `candidates`, int32
+    [padded / n, k_c] global ids per row (None otherwise).
     """
     k_local = centers.shape[0]
     offset = jax.lax.axis_index(axes) * k_local if axes else 0
@@ -108,7 +126,8 @@ def _accumulate_shard(
     if mode == "exact":
         best, idx = assign.block_top1(x, centers, bias, plan)
     elif mode == "refresh":
-        vals, top = assign.block_topk(x, centers, min(num_candidates, k_local), plan, bias)
+        kk = min(num_candidates, k_local)
+        vals, top = assign.block_topk(x, centers, kk, plan, bias, group=group)
         best, idx = vals[:, 0], top[:, 0]
         new_candidates = top + offset
         if axes:
@@ -138,11 +157,11 @@ def _accumulate_shard(
 
 @functools.partial(
     jax.jit,
-    static_argnames=("plan", "spherical", "mode", "num_candidates"),
+    static_argnames=("plan", "spherical", "mode", "num_candidates", "group"),
     donate_argnames=("sums", "counts"),
 )
 def _accumulate(
-    x, num_valid, centers, sums, counts, candidates, *, plan, spherical, mode, num_candidates
+    x, num_valid, centers, sums, counts, candidates, *, plan, spherical, mode, num_candidates, group
 ):
     """Jitted `_accumulate_shard`, under shard_map when a mesh is set; arrays are global
     (`candidates` row-sharded like x)."""
@@ -153,6 +172,7 @@ def _accumulate(
         spherical=spherical,
         mode=mode,
         num_candidates=num_candidates,
+        group=group,
     )
     args = (x, num_valid, centers, sums, counts, candidates)
     if mesh is None:
@@ -299,6 +319,7 @@ def _lloyd(
                 spherical=spherical,
                 mode=mode,
                 num_candidates=candidates if mode == "refresh" else None,
+                group=CANDIDATE_GROUP if mode == "refresh" else 1,
             )
             if mode == "refresh":
                 chunk_candidates[c] = new
