@@ -202,11 +202,15 @@ def test_crash_in_every_stage_then_resume_equals_uninterrupted(
     assert_same_outputs(reference, out)
 
 
-@pytest.mark.parametrize("backend, chunk_size", [("jax", 48), ("jax", None), ("faiss", None)])
-def test_kmeans_resume_equals_uninterrupted(backend, chunk_size, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "backend, chunk_size, candidates",
+    [("jax", 48, None), ("jax", None, None), ("jax", 48, 3), ("faiss", None, None)],
+)
+def test_kmeans_resume_equals_uninterrupted(backend, chunk_size, candidates, tmp_path, monkeypatch):
     """A run resumed from kmeans_state.npz ends with the same centroids and objective history
     as an uninterrupted one, re-seeding of empty clusters included (its seed derives from the
-    block's first iteration); rows are read from 3 embedding shards (chunks straddle them)."""
+    block's first iteration); rows are read from 3 embedding shards (chunks straddle them).
+    With kmeans.candidates, each 2-iteration block is one exact and one candidate pass."""
     rng = np.random.default_rng(0)
     # 20 distinct directions repeated: duplicate initial centers leave clusters empty.
     x = np.repeat(rng.standard_normal((20, 8)), 10, axis=0).astype(np.float32)
@@ -215,10 +219,13 @@ def test_kmeans_resume_equals_uninterrupted(backend, chunk_size, tmp_path, monke
     config.verbose = False
     config.kmeans.update({"num_centers": 32, "iterations": 6, "save_every": 2, "backend": backend})
     config.kmeans.chunk_size = chunk_size
+    config.kmeans.candidates = candidates
+    config.kmeans.refresh_every = 2
     reseeded = []
     original = pipeline.kmeans
 
     def kmeans(*args, **kwargs):
+        assert kwargs["candidates"] == candidates and kwargs["refresh_every"] == 2
         result = original(*args, **kwargs)
         reseeded.append(int(result.num_reseeded.sum()))
         return result
