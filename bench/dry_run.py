@@ -2,11 +2,11 @@
 
     python bench/dry_run.py --config configs/mlcd.py:l14 [--devices 64] [--config.key=value ...]
 
-The step is the trainer's own (mlcd.train: abstract_model, state_shardings, make_train_step,
-the objective from config.objective), built from ShapeDtypeStructs: no parameter, optimizer
+The step is the trainer's own (mlcd.train.build_train_step: the model, optimizer, state
+shardings and objective of the config), built from ShapeDtypeStructs: no parameter, optimizer
 moment, class center or batch is ever allocated, so a 1M x 768 center matrix and a ViT-L/14
-compile on a 2-core CPU machine with 24 GB. XLA's SPMD partitioner turns the step into one per-device program; its
-memory analysis is what one device of that mesh would need.
+compile on a 2-core CPU machine with 24 GB. XLA's SPMD partitioner turns the step into one
+per-device program; its memory analysis is what one device of that mesh would need.
 
 Prints, per device: parameters, optimizer state and class centers (with their AdamW moments) as
 the state's shardings place them, the batch, and from `compiled.memory_analysis()` the
@@ -50,7 +50,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from configs import common  # noqa: E402
-from mlcd import objectives, optim, sharding, train, tree_utils  # noqa: E402
+from mlcd import sharding, train, tree_utils  # noqa: E402
 from mlcd.checkpoint import abstract_like  # noqa: E402
 
 GIB = 2.0**30
@@ -109,26 +109,11 @@ def main() -> None:
     mesh = sharding.make_mesh(config.mesh)
     sharding.check_batch_divisible(config.batch_size, mesh, "config.batch_size")
 
-    graphdef, abstract_params = train.abstract_model(config.model)
-    param_shardings = sharding.param_shardings(abstract_params, config.sharding_rules, mesh)
-    tx, schedule = optim.make_optimizer(config.optim, abstract_params, config.total_steps)
-    shardings = train.state_shardings(tx, abstract_params, param_shardings, mesh)
-    state = abstract_like(train.abstract_state(tx, abstract_params), shardings)
-    batch = abstract_batch(config, mesh)
-    objective = objectives.get(config.objective.name)(config.objective)
+    built = train.build_train_step(config, mesh)
+    state, batch = built.abstract_state, abstract_batch(config, mesh)
     microbatches = config.microbatches
-    step = train.make_train_step(
-        graphdef,
-        objective,
-        tx,
-        schedule,
-        shardings,
-        sharding.batch_sharding(mesh),
-        mesh,
-        microbatches=microbatches,
-    )
     with jax.set_mesh(mesh):
-        lowered = step.lower(state, batch)
+        lowered = built.step.lower(state, batch)
         t1 = time.perf_counter()
         compiled = lowered.compile()
     t2 = time.perf_counter()

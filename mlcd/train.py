@@ -19,7 +19,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -244,6 +244,73 @@ def make_train_step(
     )
 
 
+class TrainStep(NamedTuple):
+    """A train step, jitted but not yet compiled, and the pieces it was built from."""
+
+    graphdef: nnx.GraphDef  # the model's structure; nnx.merge(graphdef, params) rebuilds it
+    tx: optax.GradientTransformation  # optim.make_optimizer(config.optim, ...)
+    shardings: dict[str, Any]  # NamedShardings of the train state (`state_shardings`)
+    abstract_state: dict[str, Any]  # ShapeDtypeStructs of the train state, with `shardings`
+    step: Any  # jitted (state, batch) -> (state, metrics), state donated (`make_train_step`)
+
+
+def build_train_step(
+    config: ml_collections.ConfigDict,
+    mesh: jax.sharding.Mesh,
+    *,
+    microbatches: int | None = None,
+    objective: Any = None,
+) -> TrainStep:
+    """The train step of `config` on `mesh`, built from shapes only: allocates nothing.
+
+    The one place that assembles it, shared by the trainer, bench/dry_run.py (which lowers
+    `step` on `abstract_state` for a fake mesh) and the tests of the compiled step:
+    abstract_model(config.model) -> param shardings from config.sharding_rules ->
+    optim.make_optimizer(config.optim, ..., config.total_steps) -> state_shardings ->
+    make_train_step, the batch's first dimension split over all mesh axes
+    (sharding.batch_sharding).
+
+    Args:
+      config: a resolved config (`resolve_model_config`: the model's variants expanded).
+      mesh: the device mesh the state and batch are sharded over (sharding.make_mesh).
+      microbatches: gradient-accumulation slices; None: config.microbatches.
+      objective: the loss (an `objectives` instance); None: the one config.objective names.
+
+    Returns:
+      TrainStep. Nothing is traced or compiled yet: jax.jit compiles `step` on its first call or
+      `.lower`; call or lower it under jax.set_mesh(mesh). Create the real state with
+      init_state(config.model, seed, tx, shardings).
+
+    Raises:
+      ValueError: microbatches > 1 with an objective that compares examples across the batch.
+    """
+    if microbatches is None:
+        microbatches = config.microbatches
+    if objective is None:
+        objective = objectives.get(config.objective.name)(config.objective)
+    graphdef, abstract_params = abstract_model(config.model)
+    param_shardings = sharding.param_shardings(abstract_params, config.sharding_rules, mesh)
+    tx, schedule = optim.make_optimizer(config.optim, abstract_params, config.total_steps)
+    shardings = state_shardings(tx, abstract_params, param_shardings, mesh)
+    step = make_train_step(
+        graphdef,
+        objective,
+        tx,
+        schedule,
+        shardings,
+        sharding.batch_sharding(mesh),
+        mesh,
+        microbatches=microbatches,
+    )
+    return TrainStep(
+        graphdef=graphdef,
+        tx=tx,
+        shardings=shardings,
+        abstract_state=abstract_like(abstract_state(tx, abstract_params), shardings),
+        step=step,
+    )
+
+
 def make_evaluators(
     config: ml_collections.ConfigDict, builder, out_dir: str
 ) -> dict[str, tuple[Any, int]]:
@@ -336,14 +403,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         process_count=jax.process_count(),
     )
 
-    # ---- Model and optimizer ----------------------------------------------------------------
-    graphdef, abstract_params = abstract_model(config.model)
-    param_shardings = sharding.param_shardings(abstract_params, config.sharding_rules, mesh)
-    tx, schedule = optim.make_optimizer(config.optim, abstract_params, config.total_steps)
-    objective = objectives.get(config.objective.name)(config.objective)
-    shardings = state_shardings(tx, abstract_params, param_shardings, mesh)
+    # ---- Model, optimizer and train step (compiled on its first call) ------------------------
+    built = build_train_step(config, mesh)
+    shardings, train_step = built.shardings, built.step
     with jax.set_mesh(mesh):
-        state = init_state(config.model, config.seed, tx, shardings)
+        state = init_state(config.model, config.seed, built.tx, shardings)
     num_params = sum(x.size for x in jax.tree.leaves(state["params"]))
 
     # ---- Checkpoint: resume if the workdir has one ------------------------------------------
@@ -355,22 +419,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         logging.info("resumed from step %d", resume_step)
     writer = MetricWriter(workdir, resume_step=resume_step)
 
-    # ---- Train step and evaluators ----------------------------------------------------------
-    train_step = make_train_step(
-        graphdef,
-        objective,
-        tx,
-        schedule,
-        shardings,
-        sharding.batch_sharding(mesh),
-        mesh,
-        microbatches=microbatches,
-    )
+    # ---- Evaluators ---------------------------------------------------------------------------
     evals = make_evaluators(config, builder, os.path.join(workdir, "eval"))
 
     # One encoder (its towers compile once); it is pointed at the live params before each eval.
     encoder = Encoder(
-        graphdef,
+        built.graphdef,
         state["params"],
         image_size=config.pp.image_size,
         tokenizer=tokenizer,

@@ -17,7 +17,7 @@ from mlcd_fakes import dataset_ids, random_cluster_output, write_cluster_output
 from configs import common
 from input_pipeline.labels import ClusterLabels
 from input_pipeline.pipeline import TrainIterator
-from mlcd import losses, objectives, optim, sharding, train
+from mlcd import losses, objectives, sharding, train
 from mlcd.clustering import store
 from mlcd.losses import sharded_classifier as sc
 
@@ -69,27 +69,16 @@ def setup():
     """The trainer's pieces for a 1-layer tiny MLCD model with C = 152 on the 8-device mesh."""
     config = _config(**{"objective.sample_ratio": 0.5})
     mesh = sharding.make_mesh(config.mesh)
-    graphdef, abstract_params = train.abstract_model(config.model)
-    param_shardings = sharding.param_shardings(abstract_params, config.sharding_rules, mesh)
-    tx, schedule = optim.make_optimizer(config.optim, abstract_params, config.total_steps)
-    shardings = train.state_shardings(tx, abstract_params, param_shardings, mesh)
-    objective = objectives.get("mlcd")(config.objective)
+    built = train.build_train_step(config, mesh)
 
-    def make_step(microbatches, objective=objective):
-        return train.make_train_step(
-            graphdef,
-            objective,
-            tx,
-            schedule,
-            shardings,
-            sharding.batch_sharding(mesh),
-            mesh,
-            microbatches,
-        )
+    def make_step(microbatches, objective=None):
+        return train.build_train_step(
+            config, mesh, microbatches=microbatches, objective=objective
+        ).step
 
     def init_state():
         with jax.set_mesh(mesh):
-            return train.init_state(config.model, config.seed, tx, shardings)
+            return train.init_state(config.model, config.seed, built.tx, built.shardings)
 
     return types.SimpleNamespace(
         config=config, mesh=mesh, make_step=make_step, init_state=init_state

@@ -140,6 +140,32 @@ def as_rgb(images: np.ndarray, size: int | None = None, where: str = "images") -
     return images
 
 
+class ResizedImages:
+    """An evaluator's images at its encoder's resolution, resized once per resolution.
+
+    An evaluator reads its images once, but `as_rgb(images, encoder.image_size)` (resize +
+    centre crop of every image) would otherwise run again on every evaluation round. Each named
+    set keeps its last resolution's result (one copy of the images), so rounds with the same
+    encoder reuse it and an encoder of another resolution gets a fresh resize.
+    """
+
+    def __init__(self, where: str = "images"):
+        """where: names the images in as_rgb's errors (e.g. 'fewshot evaluator on digits')."""
+        self.where = where
+        self._cache: dict[str, tuple[int, np.ndarray]] = {}
+
+    def get(self, name: str, images: np.ndarray, encoder: Any) -> np.ndarray:
+        """uint8 [N, S, S, 3]: `images` (uint8, see as_rgb) at S = encoder.image_size.
+
+        `images` must be the same array on every call with this `name` (the evaluator's cached
+        split): only the resolution is compared, not the content.
+        """
+        size = int(encoder.image_size)
+        if name not in self._cache or self._cache[name][0] != size:
+            self._cache[name] = (size, as_rgb(images, size, self.where))
+        return self._cache[name][1]
+
+
 def check_outputs(out: Any, keys: Sequence[str], num_inputs: int, what: str) -> dict:
     """Validates one batch of encoder outputs; returns {key: float32 array} for `keys`.
 

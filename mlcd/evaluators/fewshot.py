@@ -171,7 +171,7 @@ class FewShotEvaluator:
         self.batch_size = batch_size
         self.blas_threads = blas_threads
         self._data: dict[str, Any] | None = None
-        self._images: tuple[int, np.ndarray, np.ndarray] | None = None
+        self._images = common.ResizedImages(f"fewshot evaluator on {self.source.name}")
 
     def _load(self) -> dict[str, Any]:
         """Reads both splits once; draws the shots of every (task, seed); keeps only the train
@@ -208,21 +208,17 @@ class FewShotEvaluator:
 
     def _features(self, encoder: Any, data: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
         """(train-row features [len(rows), D], test features [M, D]) of the representation."""
-        size = int(encoder.image_size)
-        if self._images is None or self._images[0] != size:
-            where = f"fewshot evaluator on {self.source.name}"
-            self._images = (
-                size,
-                common.as_rgb(data["train_images"], size, where),
-                common.as_rgb(data["test_images"], size, where),
-            )
-        key = (self.representation,)
-        name = f"fewshot {self.source.name}"
-        train = common.embed_images(
-            encoder, self._images[1], key, self.batch_size, name + ": train"
+        train, test = (
+            common.embed_images(
+                encoder,
+                self._images.get(part, data[f"{part}_images"], encoder),
+                (self.representation,),
+                self.batch_size,
+                f"fewshot {self.source.name}: {part}",
+            )[self.representation]
+            for part in ("train", "test")
         )
-        test = common.embed_images(encoder, self._images[2], key, self.batch_size, name + ": test")
-        return train[self.representation], test[self.representation]
+        return train, test
 
     def run(self, encoder: Any) -> dict[str, float]:
         """Embeds the held-out, shot and test images, fits every probe, returns the accuracies.

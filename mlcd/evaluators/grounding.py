@@ -235,7 +235,7 @@ class GroundingEvaluator:
         self.plot_path = plot_path
         self.num_plot = num_plot
         self._data: tuple[np.ndarray, dict] | None = None
-        self._images: tuple[int, np.ndarray] | None = None
+        self._images = common.ResizedImages()
 
     def _load(self) -> tuple[np.ndarray, dict]:
         """(images, pairs from `grounding_pairs`), read once."""
@@ -262,12 +262,9 @@ class GroundingEvaluator:
         encoder: see `common` (embed_images with key 'patch_embeddings', embed_texts, image_size).
         """
         images, pairs = self._load()
-        size = int(encoder.image_size)
-        if self._images is None or self._images[0] != size:
-            self._images = (size, common.as_rgb(images, size))
         patches = common.embed_images(
             encoder,
-            self._images[1],
+            self._images.get("images", images, encoder),
             ("patch_embeddings",),
             self.batch_size,
             f"grounding {self.name}: images",

@@ -138,7 +138,9 @@ class ImageRetrievalEvaluator:
         self.batch_size = batch_size
         self.name = name or (self.source.name if self.source.external else split)
         self._data: tuple[np.ndarray, np.ndarray] | None = None
-        self._images: tuple[int, np.ndarray] | None = None
+        self._images = common.ResizedImages(
+            f"image_retrieval evaluator on {self.source.name}/{self.split}"
+        )
 
     def _load(self) -> tuple[np.ndarray, np.ndarray]:
         """(images, relevance groups int64 [N]), read once."""
@@ -153,13 +155,9 @@ class ImageRetrievalEvaluator:
         encoder: see `common` (embed_images with key `representation`, image_size).
         """
         images, groups = self._load()
-        size = int(encoder.image_size)
-        if self._images is None or self._images[0] != size:
-            where = f"image_retrieval evaluator on {self.source.name}/{self.split}"
-            self._images = (size, common.as_rgb(images, size, where))
         z = common.embed_images(
             encoder,
-            self._images[1],
+            self._images.get("images", images, encoder),
             (self.representation,),
             self.batch_size,
             f"image_retrieval {self.name}: images",

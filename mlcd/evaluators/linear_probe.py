@@ -178,7 +178,7 @@ class LinearProbeEvaluator:
         self.batch_size = batch_size
         self.blas_threads = blas_threads
         self._data: dict[str, tuple[np.ndarray, dict[str, np.ndarray]]] | None = None
-        self._images: tuple[int, dict[str, np.ndarray]] | None = None
+        self._images = common.ResizedImages(f"linear_probe evaluator on {self.source.name}")
 
     def _load(self) -> dict[str, tuple[np.ndarray, dict[str, np.ndarray]]]:
         """{'train' | 'validation' | 'test': (images, {task: int64 labels})}, read once."""
@@ -213,22 +213,15 @@ class LinearProbeEvaluator:
         encoder: see `common` (embed_images with key `representation`, image_size).
         """
         data = self._load()
-        size = int(encoder.image_size)
-        if self._images is None or self._images[0] != size:
-            where = f"linear_probe evaluator on {self.source.name}"
-            self._images = (
-                size,
-                {p: common.as_rgb(im, size, where) for p, (im, _) in data.items()},
-            )
         features = {
             part: common.embed_images(
                 encoder,
-                images,
+                self._images.get(part, images, encoder),
                 (self.representation,),
                 self.batch_size,
                 f"linear_probe {self.source.name}: {part}",
             )[self.representation].astype(np.float64)
-            for part, images in self._images[1].items()
+            for part, (images, _) in data.items()
         }
         metrics = {}
         # The sweeps are the slow part (16 lbfgs fits per task): a bar on a terminal.
