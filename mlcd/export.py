@@ -199,10 +199,11 @@ def load_encoder(export_dir: str, batch_size: int = 256) -> Encoder:
     meta = read_export_meta(export_dir)
     graphdef, abstract_params = abstract_model(ml_collections.ConfigDict(meta["model"]))
     params_dir = os.path.join(os.path.abspath(export_dir), PARAMS_DIR)
-    checkpointer = ocp.StandardCheckpointer()
-    check_shapes(abstract_params, checkpointer.metadata(params_dir).item_metadata, params_dir)
     mesh = sharding.make_mesh((("data", -1),))
-    params = checkpointer.restore(params_dir, _replicated(abstract_params, mesh))
+    with ocp.StandardCheckpointer() as checkpointer:
+        metadata = checkpointer.metadata(params_dir).item_metadata
+        check_shapes(abstract_params, metadata, params_dir)
+        params = checkpointer.restore(params_dir, _replicated(abstract_params, mesh))
     tokenizer = (
         load_tokenizer(os.path.join(export_dir, meta["tokenizer"])) if meta["tokenizer"] else None
     )
