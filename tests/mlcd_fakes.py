@@ -1,11 +1,13 @@
 """A fake cluster output directory, in the format python -m mlcd.cluster writes
-(mlcd.clustering.store), for the tests that train MLCD or join labels without clustering."""
+(mlcd.clustering.store), and the config overrides of a tiny MLCD run on it, for the tests that
+train MLCD or join labels without clustering."""
 
 import json
 import os
 
 import numpy as np
 import tensorflow_datasets as tfds
+from conftest import tiny_overrides
 
 from mlcd.clustering import store
 
@@ -54,3 +56,14 @@ def random_cluster_output(
     centroids = rng.normal(size=(num_centers, embed_dim))
     centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
     return write_cluster_output(path, ids, labels, centroids)
+
+
+def mlcd_overrides(scenes_dir, labels_dir, **extra):
+    """tiny_overrides for configs/mlcd.py:tiny, its labels and centroids from `labels_dir`."""
+    overrides = tiny_overrides(
+        scenes_dir,
+        **{"data.labels": labels_dir, "model.centers_init": f"{labels_dir}/centroids.npy"},
+        **extra,
+    )
+    # Its evaluators are the image-only ones: no grounding entry to switch off.
+    return [o for o in overrides if not o.startswith("--config.evals.grounding.")]

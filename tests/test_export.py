@@ -12,8 +12,7 @@ import tensorstore as ts
 from conftest import tiny_overrides
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from mlcd_fakes import dataset_ids, random_cluster_output
-from test_train import mlcd_overrides
+from mlcd_fakes import dataset_ids, mlcd_overrides, random_cluster_output
 
 import mlcd
 from configs import common

@@ -12,7 +12,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from conftest import tiny_overrides
-from mlcd_fakes import dataset_ids, random_cluster_output
+from mlcd_fakes import dataset_ids, mlcd_overrides, random_cluster_output
 
 import mlcd
 from configs import common
@@ -50,17 +50,6 @@ def test_tiny_config_trains_two_steps(spec, scenes_dir, tmp_path):
     with open(os.path.join(workdir, "config.json")) as f:
         saved = json.load(f)
     assert saved["objective"]["name"] == _config(spec, []).objective.name
-
-
-def mlcd_overrides(scenes_dir, labels_dir, **extra):
-    """tiny_overrides for configs/mlcd.py:tiny, its labels and centroids from `labels_dir`."""
-    overrides = tiny_overrides(
-        scenes_dir,
-        **{"data.labels": labels_dir, "model.centers_init": f"{labels_dir}/centroids.npy"},
-        **extra,
-    )
-    # Its evaluators are the image-only ones: no grounding entry to switch off.
-    return [o for o in overrides if not o.startswith("--config.evals.grounding.")]
 
 
 def test_mlcd_tiny_trains_two_steps_and_exports_an_image_encoder(
