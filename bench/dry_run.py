@@ -2,17 +2,18 @@
 
     python bench/dry_run.py --config configs/mlcd.py:l14 [--devices 64] [--config.key=value ...]
 
-The step is the trainer's own (mlcd.train.build_train_step: the model, optimizer, state
-shardings and objective of the config), built from ShapeDtypeStructs: no parameter, optimizer
-moment, class center or batch is ever allocated, so a 1M x 768 center matrix and a ViT-L/14
+The step is the trainer's own (mlcd.train_step.build_train_step: the model, the objective and
+its heads, optimizer, state shardings of the config), built from ShapeDtypeStructs: no
+parameter, optimizer moment, class center or batch is ever allocated, so a 1M x 768 center matrix and a ViT-L/14
 compile on a 2-core CPU machine with 24 GB. XLA's SPMD partitioner turns the step into one
 per-device program; its memory analysis is what one device of that mesh would need.
 
-Prints, per device: parameters, optimizer state and class centers (with their AdamW moments) as
-the state's shardings place them, the batch, and from `compiled.memory_analysis()` the
+Prints, per device: the model's parameters and optimizer state, the objective's training-only
+heads (e.g. class centers) with their AdamW moments, as the state's shardings place them, the
+batch, and from `compiled.memory_analysis()` the
 arguments, outputs (aliased to the donated state), temporaries and the peak they imply; then
-the largest arrays of the compiled program, and whether any of its shapes has a dimension of C
-(a [B, C] logits array or the full center matrix would).
+the largest arrays of the compiled program, and whether any of its shapes has a head's first
+dimension C (a [B, C] logits array or the full center matrix would).
 
 Numbers come from XLA:CPU's compiler, not the accelerator's: fusion and layout choices (and
 bf16, which the CPU runs through float32 conversions) differ, so treat temporaries as an
@@ -44,14 +45,14 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from configs import common  # noqa: E402
-from mlcd import sharding, train, tree_utils  # noqa: E402
+from mlcd import sharding, train_state, tree_utils  # noqa: E402
 from mlcd.checkpoint import abstract_like  # noqa: E402
+from mlcd.train_step import build_train_step  # noqa: E402
 
 GIB = 2.0**30
 # Bytes per element of the HLO element types that appear in a train step.
@@ -68,25 +69,14 @@ def per_device_bytes(tree) -> float:
     )
 
 
-def split_centers(tree):
-    """(tree without the 'centers' leaves, tree of only them): leaves replaced by None."""
-    is_c = lambda p: p.split("/")[-1] == "centers"
+def split_heads(tree):
+    """(tree without the objective's heads, tree of only them), leaves replaced by None; works
+    on params and optimizer state alike (a head's path has a 'heads' component)."""
+    is_head = lambda p: train_state.HEADS in p.split("/")
     return (
-        tree_utils.map_with_path(lambda p, x: None if is_c(p) else x, tree),
-        tree_utils.map_with_path(lambda p, x: x if is_c(p) else None, tree),
+        tree_utils.map_with_path(lambda p, x: None if is_head(p) else x, tree),
+        tree_utils.map_with_path(lambda p, x: x if is_head(p) else None, tree),
     )
-
-
-def abstract_batch(config, mesh):
-    """The global batch the input pipeline would feed, as ShapeDtypeStructs."""
-    b, s = config.batch_size, config.pp.image_size
-    batch = {"image": jax.ShapeDtypeStruct((b, s, s, 3), jnp.uint8)}
-    if config.model.get("text") is not None:
-        batch["tokens"] = jax.ShapeDtypeStruct((b, config.pp.context_length), jnp.int32)
-    if config.model.get("num_centers"):
-        num_labels = config.data.get("top_l") or 8
-        batch["cluster_labels"] = jax.ShapeDtypeStruct((b, num_labels), jnp.int32)
-    return abstract_like(batch, {k: sharding.batch_sharding(mesh) for k in batch})
 
 
 def largest_arrays(hlo: str, n: int) -> list[tuple[float, str, str]]:
@@ -105,12 +95,14 @@ def main() -> None:
     t0 = time.perf_counter()
     config = common.load_config(ARGS.config)
     common.parse_overrides(config, OVERRIDES)
-    config = train.resolve_model_config(config, None)
+    config = train_state.resolve_model_config(config, None)
     mesh = sharding.make_mesh(config.mesh)
     sharding.check_batch_divisible(config.batch_size, mesh, "config.batch_size")
 
-    built = train.build_train_step(config, mesh)
-    state, batch = built.abstract_state, abstract_batch(config, mesh)
+    built = build_train_step(config, mesh)
+    state = built.abstract_state
+    batch = built.objective.abstract_batch(config.batch_size)
+    batch = abstract_like(batch, {k: sharding.batch_sharding(mesh) for k in batch})
     microbatches = config.microbatches
     with jax.set_mesh(mesh):
         lowered = built.step.lower(state, batch)
@@ -120,21 +112,22 @@ def main() -> None:
     mem = compiled.memory_analysis()
     hlo = compiled.as_text()
 
-    towers, centers = split_centers(state["params"])
-    tower_opt, center_opt = split_centers(state["opt_state"])
+    towers, _ = split_heads(state["params"])
+    heads = state["params"].get(train_state.HEADS, {})
+    tower_opt, head_opt = split_heads(state["opt_state"])
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(towers))
-    num_centers = config.model.get("num_centers")
     rows = [
         (f"parameters ({num_params / 1e6:.1f}M, towers)", per_device_bytes(towers)),
         ("optimizer state (towers)", per_device_bytes(tower_opt)),
     ]
-    if num_centers:
-        e = config.model.embed_dim
-        rows += [
-            (f"class centers ({num_centers:,} x {e})", per_device_bytes(centers)),
-            ("optimizer state (centers)", per_device_bytes(center_opt)),
-        ]
-    rows += [("batch (uint8 images, labels)", per_device_bytes(batch))]
+    for name, x in heads.items():
+        shape = " x ".join(f"{d:,}" for d in x.shape)
+        rows += [(f"head {name} ({shape})", per_device_bytes(x))]
+    if heads:
+        rows += [("optimizer state (heads)", per_device_bytes(head_opt))]
+    rows += [(f"batch ({', '.join(batch)})", per_device_bytes(batch))]
+    # C of the class-matrix heads: no shape of the step may have it (no [B, C] array).
+    num_centers = max([x.shape[0] for x in heads.values() if x.ndim == 2], default=None)
     peak = (
         mem.argument_size_in_bytes
         + mem.output_size_in_bytes
@@ -158,7 +151,8 @@ def main() -> None:
     )
     if num_centers:
         head += (
-            f", C = {num_centers:,} ({num_centers // mesh.size:,} per device), "
+            f", objective {config.objective.name}, C = {num_centers:,} "
+            f"({num_centers // mesh.size:,} per device), "
             f"r = {config.objective.get('sample_ratio')}"
         )
     print(head)

@@ -40,8 +40,8 @@ from jax.sharding import PartitionSpec as P
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from mlcd.losses import mlcd_loss
-from mlcd.losses import sharded_classifier as sc
 from mlcd.losses.mlcd import MARGINS
+from mlcd.partial_fc import num_sampled
 from mlcd.sharding import make_mesh
 
 SCALE, MARGIN, NUM_LABELS = 64.0, 0.3, 8
@@ -149,7 +149,7 @@ def counted_gflop(result: dict, batch: int, dim: int) -> float:
     columns = result["num_classes"]
     if result["ratio"] < 1:
         num_local = result["num_classes"] // result["devices"]
-        columns = result["devices"] * sc.num_sampled(num_local, result["ratio"])
+        columns = result["devices"] * num_sampled(num_local, result["ratio"])
     return 6 * batch * columns * dim / 1e9
 
 

@@ -36,8 +36,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Mesh axes (name, size); one size may be -1 ("all remaining devices").
     c.mesh = (("data", -1), ("model", 1))
     # (regex over parameter paths such as 'image/blocks/0/mlp/fc1/kernel', spec) pairs, first
-    # match wins. spec: 'replicate', 'fsdp' (largest divisible dim over the 'data' axis) or a
-    # tuple of mesh-axis names / None per dimension.
+    # match wins. spec: 'replicate', 'fsdp' (largest divisible dim over the 'data' axis),
+    # 'partial_fc' (dim 0 over every axis) or a tuple of mesh-axis names / None per dimension.
+    # The objective's heads come with their own layout.
     c.sharding_rules = ((".*", "replicate"),)
     # Multi-host: jax.distributed.initialize(**set fields). On TPU pods / SLURM / GKE the fields
     # can stay unset (auto-detected); a local multi-process CPU run sets all three.
@@ -59,14 +60,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.prefetch = 4
 
     c.pp = ml_collections.ConfigDict()
+    # Per-example train transforms, in order (input_pipeline/transforms.py): each reads and
+    # writes named fields; the batch keeps the objective's inputs. Ops take their defaults from
+    # the keys below ('name(key=value)' overrides one).
+    c.pp.ops = ("random_resized_crop", "flip_lr", "choose_text", "tokenize")
     c.pp.image_size = 224
     c.pp.crop_scale = (0.5, 1.0)  # random-resized-crop area range (train only)
-    c.pp.flip = True
     c.pp.context_length = 77
     # Path to tokenizer.json (HuggingFace) or a sentencepiece .model. None: the dataset's own.
     c.tokenizer = ml_collections.config_dict.placeholder(str)
 
     c.model = ml_collections.ConfigDict()
+    c.model.name = "two_tower"  # mlcd.models.MODELS
     # stem: "patch" (ViT) or "conv" (a convolutional stem; mlcd/models/vit.py, ConvStem)
     c.model.image = ml_collections.ConfigDict({"variant": "B/16", "pool": "cls", "stem": "patch"})
     c.model.text = ml_collections.ConfigDict({"variant": "B", "causal": True, "pool": "eos"})
@@ -75,8 +80,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.logit_bias_init = ml_collections.config_dict.placeholder(float)
     c.model.max_logit_scale = 100.0
     c.model.dtype = "float32"
-
-    c.objective = ml_collections.ConfigDict({"name": "clip"})
+    # config.objective (name + the method's own settings) is set by each method's config file.
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 5e-4
@@ -89,7 +93,8 @@ def base_config() -> ml_collections.ConfigDict:
     # Parameters whose path matches are not decayed (norm gains, biases, embeddings of scalars).
     c.optim.no_decay = r".*(bias|scale|norm.*|logit_scale|logit_bias|cls_token|pos_embed.*)$"
     c.optim.grad_clip_norm = 1.0
-    c.optim.lr_mults = ()  # ((regex, multiplier), ...): e.g. a separate rate for class centers
+    # ((regex, multiplier), ...) over model parameter paths (0 freezes); heads bring their own.
+    c.optim.lr_mults = ()
 
     c.log_every = 10
     c.ckpt_every = 200
@@ -223,7 +228,8 @@ def tiny_preset(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     )
     c.pp.image_size = 64
     c.pp.crop_scale = (0.8, 1.0)  # mild: a crop must not cut away objects the caption names
-    c.pp.flip = False  # captions name positions ("on the left"): a flip would contradict them
+    # No flip_lr: captions name positions ("on the left"), a flip would contradict them.
+    c.pp.ops = tuple(op for op in c.pp.ops if op != "flip_lr")
     c.pp.context_length = 48
     c.model.image = ml_collections.ConfigDict({"variant": "tiny", "pool": "cls", "stem": "patch"})
     c.model.text = ml_collections.ConfigDict({"variant": "tiny", "causal": True, "pool": "eos"})
@@ -246,10 +252,6 @@ def tiny_preset(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         }
     )
     return c
-
-
-# config.evals entries of tiny_preset that only run after the last step (tests switch them off).
-FINAL_ONLY_EVALS = ("fewshot", "linear_probe", "digits", "image_retrieval", "grounding")
 
 
 def paper_b16_preset(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -1,23 +1,20 @@
 """MLCD (An et al., ECCV 2024): an image-only ViT trained to discriminate the clusters of a
 teacher's embeddings. Offline k-means gives C centers; each image is labelled with its top-l
 nearest centers; the loss is the margin-based multi-label loss against a learned [C, E] center
-matrix sharded along C over all devices (Partial FC layout; DESIGN.md, MLCD).
+matrix sharded along C over all devices (Partial FC layout; docs/architecture.md). Everything
+MLCD-specific is under config.objective (mlcd/objectives/mlcd.py).
 
     python -m mlcd.cluster --config configs/cluster.py:tiny        # writes runs/clusters_tiny
     python -m mlcd.train --config configs/mlcd.py:tiny --workdir runs/mlcd_tiny
 
 Presets: tiny (CPU, synthetic_scenes, 256 centers, CLIP tiny's step budget), b32 and l14
 (ViT-B/32 and ViT-L/14 at the paper's scale: 1,048,576 centers, l = 8, r = 0.1, batch 32,768,
-AdamW, weight decay 0.2). Paper presets need --config.data.labels (and the dataset) set.
+AdamW, weight decay 0.2). Paper presets need --config.objective.labels (and the dataset) set.
 """
 
 import ml_collections
 
 from configs import common
-
-# Centers [C, E] split along C over every mesh axis: each device holds C / N rows and their
-# AdamW moments, which is what mlcd_loss's sharded path expects (no resharding in the step).
-CENTERS_RULE = (r"centers", (("data", "model"), None))
 
 # Frozen-feature evaluators that need no text tower (zero-shot, retrieval and grounding do).
 IMAGE_ONLY_EVALS = ("fewshot", "linear_probe", "digits", "image_retrieval")
@@ -25,19 +22,19 @@ IMAGE_ONLY_EVALS = ("fewshot", "linear_probe", "digits", "image_retrieval")
 
 def _tiny(c):
     c = common.tiny_preset(c)
-    c.model.num_centers = 256  # configs/cluster.py:tiny clusters the CLIP tiny teacher into 256
-    c.data.labels = "runs/clusters_tiny"
-    c.model.centers_init = "runs/clusters_tiny/centroids.npy"
+    c.pp.ops = ("random_resized_crop", "join_cluster_labels")
+    c.objective.num_centers = 256  # configs/cluster.py:tiny clusters CLIP tiny into 256
+    c.objective.labels = "runs/clusters_tiny"
+    c.objective.centers_init = "runs/clusters_tiny/centroids.npy"
     # r = 1: at 256 centers every class fits in the step; the paper's r = 0.1 is its best at
     # 1M centers (a knob: --config.objective.sample_ratio=0.1).
     c.objective.sample_ratio = 1.0
-    c.sharding_rules = (CENTERS_RULE, *c.sharding_rules)
     c.evals = ml_collections.ConfigDict({k: c.evals[k].to_dict() for k in IMAGE_ONLY_EVALS})
     return c
 
 
 def _paper(variant, embed_dim, lr, microbatches):
-    """ViT-`variant` as in the paper (notes/methods.md): LAION-400M for 32 epochs at batch
+    """ViT-`variant` as in the paper (An et al., ECCV 2024): LAION-400M for 32 epochs at batch
     32,768 (the paper's 32,800 rounded to a power of two so it splits over 64 devices), the
     gradient accumulated over `microbatches` slices so activations fit 80 GB devices
     (bench/dry_run.py; docs/benchmarks.md)."""
@@ -49,13 +46,13 @@ def _paper(variant, embed_dim, lr, microbatches):
             {"variant": variant, "pool": "cls", "stem": "patch"}
         )
         c.model.embed_dim = embed_dim
-        c.model.num_centers = 1_048_576
-        c.data.top_l = 8
+        c.objective.num_centers = 1_048_576
+        c.objective.top_l = 8
         c.objective.sample_ratio = 0.1
         c.optim.lr = lr
         c.optim.weight_decay = 0.2
         c.microbatches = microbatches
-        c.sharding_rules = (CENTERS_RULE, (".*", "fsdp"))
+        c.sharding_rules = ((".*", "fsdp"),)  # the centers head is 'partial_fc' on its own
         c.evals = ml_collections.ConfigDict(
             {
                 "fewshot": {"type": "fewshot"},
@@ -76,26 +73,29 @@ PRESETS = {
 
 def get_config(arg=None):
     c = common.base_config()
-    c.objective = {
-        "name": "mlcd",
-        "scale": 64.0,  # s: unstated in the paper; the authors' pre-training code uses 64
-        "margin": 0.3,
-        "margin_type": "arcface",
-        "sample_ratio": 0.1,
-    }
-    # Cluster output directory of python -m mlcd.cluster (clusters.json, labels.npy, ...,
-    # centroids.npy), joined to examples by index in the split (checked against their id);
-    # top_l: use each example's nearest top_l <= l labels (None: all l of the file).
-    c.data.labels = ml_collections.config_dict.placeholder(str)
-    c.data.top_l = ml_collections.config_dict.placeholder(int)
-    c.model.num_centers = 1_048_576
-    # A [C, E] .npy (e.g. <labels>/centroids.npy) to start the centers from; None: random.
-    c.model.centers_init = ml_collections.config_dict.placeholder(str)
-    # Centers get their own learning-rate multiplier (Partial FC trains them as a separate group).
-    c.optim.lr_mults = ((r"centers", 1.0),)
+    c.objective = ml_collections.ConfigDict(
+        {
+            "name": "mlcd",
+            "num_centers": 1_048_576,  # C
+            # A [C, E] .npy (e.g. <labels>/centroids.npy) to start the centers from; None: random.
+            "centers_init": ml_collections.config_dict.placeholder(str),
+            # The centers' own learning-rate multiplier (Partial FC trains them as a group).
+            "centers_lr_mult": 1.0,
+            # Cluster output directory of python -m mlcd.cluster (clusters.json, labels.npy,
+            # ..., centroids.npy), joined to examples by index in the split (checked against
+            # their id) by the join_cluster_labels op; top_l: use each example's nearest
+            # top_l <= l labels (None: all l of the file).
+            "labels": ml_collections.config_dict.placeholder(str),
+            "top_l": ml_collections.config_dict.placeholder(int),
+            "scale": 64.0,  # s: unstated in the paper; the authors' pre-training code uses 64
+            "margin": 0.3,
+            "margin_type": "arcface",
+            "sample_ratio": 0.1,
+        }
+    )
+    c.pp.ops = ("random_resized_crop", "flip_lr", "join_cluster_labels")
     c = common.select_preset("configs/mlcd.py", arg, PRESETS)(c)
     # Image-only: no text tower, no temperature, no captions read or tokenized.
     c.model.text = None
     c.model.logit_scale_init = None
-    c.data.text_keys = ()
     return c

@@ -35,7 +35,7 @@ import tensorflow_datasets as tfds
 
 from configs import common as config_lib
 from input_pipeline import datasets
-from mlcd import evaluate, export, sharding
+from mlcd import cli, label_store, runs, sharding
 from mlcd.clustering import pipeline, store
 from mlcd.clustering.kmeans import BACKENDS
 from mlcd.encoder import Encoder
@@ -122,7 +122,7 @@ def prepare_out_dir(out_dir: str, config: ml_collections.ConfigDict) -> None:
         )
     else:
         os.makedirs(out_dir, exist_ok=True)
-        store.save_json(path, now)
+        label_store.save_json(path, now)
     for sub in (store.EMBEDDINGS_DIR, store.ASSIGN_DIR):
         os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
     store.remove_stale_temporaries(out_dir)
@@ -157,9 +157,9 @@ def check_teacher_files(config: ml_collections.ConfigDict) -> None:
     kind, path = _teacher(config)
     try:
         if kind == "export":
-            export.read_export_meta(path)
+            runs.read_export_meta(path)
         else:
-            export.load_run_config(path)
+            runs.load_run_config(path)
     except (FileNotFoundError, ValueError) as e:
         raise type(e)(f"config.teacher.{kind}={path}: {e}") from e
 
@@ -167,7 +167,7 @@ def check_teacher_files(config: ml_collections.ConfigDict) -> None:
 def _load_teacher(config: ml_collections.ConfigDict) -> tuple[Encoder, dict[str, Any]]:
     kind, path = _teacher(config)
     try:
-        encoder, spec = evaluate.load_model(
+        encoder, spec = runs.load_model(
             **{"checkpoint" if kind == "export" else "workdir": path},
             step=config.teacher.step,
             batch_size=config.embed.batch_size,
@@ -200,10 +200,10 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
             f"config.kmeans.num_centers={num_centers} exceeds the {len(source)} examples of "
             f"{builder.name} split {config.data.split!r}"
         )
+    store.check_not_older_version(out_dir)  # before anything is written into it
     prepare_out_dir(out_dir, config)
     meta_path = os.path.join(out_dir, store.META_FILE)
-    # A directory finished by an older version (labels.npz) gets its label files written.
-    if os.path.exists(meta_path) and pipeline.labels_written(out_dir):
+    if os.path.exists(meta_path):
         log.info("%s is complete; nothing to do", out_dir)
         with open(meta_path) as f:
             return json.load(f)
@@ -236,7 +236,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
         "mean_top1_similarity": stats["mean_top1_similarity"],
         "complete": True,
     }
-    store.save_json(meta_path, meta)  # last: it marks the directory complete
+    label_store.save_json(meta_path, meta)  # last: it marks the directory complete
     return meta
 
 
@@ -253,15 +253,13 @@ def format_report(meta: dict[str, Any], out_dir: str) -> str:
     ]
     lines = ["", f"{'clustering':<32} {'value':>10}", f"{'-' * 32} {'-' * 10}"]
     lines += [f"{k:<32} {v!s:>10}" for k, v in rows]
-    files = (store.CENTROIDS_FILE, *store.LABEL_FILES, store.PLOT_FILE, store.META_FILE)
+    files = (store.CENTROIDS_FILE, *label_store.LABEL_FILES, store.PLOT_FILE, store.META_FILE)
     lines += ["", f"outputs:  {out_dir}", "  " + "    ".join(files)]
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    log.setLevel(logging.INFO)
-    logging.getLogger("absl").setLevel(logging.ERROR)  # tfds custom-config notices
+    cli.setup_logging(log.name)
     parser = argparse.ArgumentParser(
         prog="python -m mlcd.cluster",
         description=__doc__,
@@ -269,23 +267,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--config", required=True, help="path/to/cluster.py[:preset]")
     args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-    try:
+
+    def body():
         config = config_lib.load_config(args.config)
         config_lib.parse_overrides(config, overrides)
         meta = run(config)
-    except (KeyError, ValueError, FileNotFoundError) as e:
-        # One clear line; MLCD_TRACEBACK=1 shows where it was raised.
-        if os.environ.get("MLCD_TRACEBACK"):
-            raise
-        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
-        return 2
-    print(format_report(meta, os.path.abspath(config.out_dir)))
-    return 0
+        print(format_report(meta, os.path.abspath(config.out_dir)))
+
+    return cli.run(body)
 
 
 if __name__ == "__main__":
-    from mlcd.train import enable_compilation_cache
-
-    # Here, not in main(): the persistent cache is process-wide state that callers (tests) own.
-    enable_compilation_cache()
+    cli.enable_compilation_cache()
     sys.exit(main())

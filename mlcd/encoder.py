@@ -19,7 +19,7 @@ from jax.sharding import PartitionSpec as P
 from input_pipeline import preprocess
 from input_pipeline.tokenizers import Tokenizer
 from mlcd import sharding
-from mlcd.models import l2_normalize
+from mlcd.models.two_tower import l2_normalize
 
 IMAGE_KEYS = ("embedding", "pre_logits", "patch_tokens", "patch_embeddings")
 
@@ -76,8 +76,12 @@ class Encoder:
         n = len(inputs)
         chunks: dict[str, list[np.ndarray]] = {k: [] for k in keys}
         with jax.set_mesh(self._mesh):
-            for start in range(0, n, self._batch_size):
+            # No input still runs one (all-padding) chunk, so the empty outputs get their shapes.
+            for start in range(0, max(n, 1), self._batch_size):
                 chunk = inputs[start : start + self._batch_size]
+                valid = len(chunk)
+                if not valid:
+                    chunk = np.zeros((1, *inputs.shape[1:]), inputs.dtype)
                 pad = self._batch_size - len(chunk)
                 if pad:
                     chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
@@ -85,7 +89,7 @@ class Encoder:
                 # expects a per-host slice) places each device's rows.
                 out = fn(self.params, jax.device_put(chunk, self._in_sharding), tuple(keys))
                 for k in keys:
-                    chunks[k].append(np.asarray(out[k])[: self._batch_size - pad])
+                    chunks[k].append(np.asarray(out[k])[:valid])
         return {k: np.concatenate(v) for k, v in chunks.items()}
 
     def embed_images(
@@ -105,7 +109,9 @@ class Encoder:
             raise ValueError(
                 f"embed_images expects uint8 [N, H, W, 3], got {images.dtype} {images.shape}"
             )
-        resized = np.stack([preprocess.resize_center_crop(im, self.image_size) for im in images])
+        resized = np.empty((len(images), self.image_size, self.image_size, 3), np.uint8)
+        for i, image in enumerate(images):
+            resized[i] = preprocess.resize_center_crop(image, self.image_size)
         return self._run(self._image_fn, resized, keys)
 
     def embed_texts(self, texts: Sequence[str]) -> dict[str, np.ndarray]:

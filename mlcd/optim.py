@@ -59,10 +59,18 @@ def _scale_by_tree(multipliers: Any) -> optax.GradientTransformation:
 
 
 def make_optimizer(
-    cfg: ml_collections.ConfigDict, params: Any, total_steps: int
+    cfg: ml_collections.ConfigDict,
+    params: Any,
+    total_steps: int,
+    lr_mults: tuple[tuple[str, float], ...] = (),
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """optax chain for `params` (a pytree of arrays or ShapeDtypeStructs) and its lr schedule."""
+    """optax chain for `params` (a pytree of arrays or ShapeDtypeStructs) and its lr schedule.
+
+    lr_mults: (regex, multiplier) rules matched before cfg.lr_mults (the objective's heads
+    bring their own).
+    """
     schedule = make_schedule(cfg, total_steps)
+    lr_mults = (*lr_mults, *cfg.lr_mults)
     parts = []
     if cfg.grad_clip_norm:
         parts.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
@@ -76,6 +84,6 @@ def make_optimizer(
             mask=decay_mask(params, cfg.no_decay),
         )
     )
-    if cfg.lr_mults:
-        parts.append(_scale_by_tree(lr_multipliers(params, cfg.lr_mults)))
+    if lr_mults:
+        parts.append(_scale_by_tree(lr_multipliers(params, lr_mults)))
     return optax.chain(*parts), schedule

@@ -1,10 +1,11 @@
 """Mesh from config, parameter partition rules, and host <-> global batch conversion.
 
-Conventions (DESIGN.md, "Sharding conventions"):
+Conventions (docs/architecture.md, "Sharding"):
 - the mesh has Auto axis types, built from `config.mesh = (("data", -1), ("model", 1))`;
 - the global batch is sharded along dim 0 over *all* devices, PartitionSpec(mesh.axis_names);
 - parameters follow `config.sharding_rules`, (regex, spec) pairs with first match winning, as
-  in big_vision: 'replicate', 'fsdp', or an explicit per-dimension tuple of axis names.
+  in big_vision: 'replicate', 'fsdp', 'partial_fc' or an explicit per-dimension tuple of axis
+  names.
 """
 
 from __future__ import annotations
@@ -77,6 +78,15 @@ def _spec_for(path: str, shape: tuple[int, ...], spec: Any, mesh: Mesh) -> P:
             if n > 1 and shape[d] % n == 0 and shape[d] >= n:
                 return P(*([None] * d + ["data"] + [None] * (len(shape) - d - 1)))
         return P()
+    if spec == "partial_fc":
+        # A class matrix [C, D] in the Partial-FC layout: C split over every device, which is
+        # what the sharded losses (mlcd.partial_fc) expect, so the step never reshards it.
+        if shape[0] % mesh.size:
+            raise ValueError(
+                f"{path} of shape {shape}: {shape[0]} rows do not split over the {mesh.size} "
+                "devices of the mesh (sharding 'partial_fc')"
+            )
+        return P(tuple(mesh.axis_names), *[None] * (len(shape) - 1))
     spec = tuple(spec)
     if len(spec) != len(shape):
         raise ValueError(f"sharding rule spec {spec} has {len(spec)} dims; {path} has {shape}")

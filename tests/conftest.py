@@ -20,7 +20,9 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 import pytest  # noqa: E402
 
-from configs.common import FINAL_ONLY_EVALS  # noqa: E402
+# The tiny presets' frozen-feature evaluators, run only after the last step: they have their own
+# tests, and in training tests they would only cost time.
+FINAL_ONLY_EVALS = ("fewshot", "linear_probe", "digits", "image_retrieval", "grounding")
 
 # A small synthetic_scenes build shared by every test that trains or reads data.
 SMALL_SCENES = {"train_size": 256, "validation_size": 16, "test_size": 96, "image_size": 32}
@@ -55,7 +57,6 @@ def tiny_overrides(data_dir: str, **extra) -> list[str]:
         "log_every": 1,
         "ckpt_every": 2,
         "eval_every": 0,
-        # The frozen-feature evaluators have their own tests; here they would only cost time.
         **{f"evals.{name}.every": -1 for name in FINAL_ONLY_EVALS},
         **extra,
     }

@@ -1,14 +1,14 @@
 """A fake cluster output directory, in the format python -m mlcd.cluster writes
-(mlcd.clustering.store), and the config overrides of a tiny MLCD run on it, for the tests that
-train MLCD or join labels without clustering."""
+(mlcd.clustering.store; its label files through mlcd.label_store), and the config overrides of
+a tiny MLCD run on it, for the tests that train MLCD or join labels without clustering."""
 
-import json
 import os
 
 import numpy as np
 import tensorflow_datasets as tfds
 from conftest import tiny_overrides
 
+from mlcd import label_store
 from mlcd.clustering import store
 
 
@@ -27,14 +27,11 @@ def write_cluster_output(
     labels = np.asarray(labels, np.int32)
     ids = np.asarray(ids, str)
     sims = np.linspace(1.0, 0.5, labels.shape[1], dtype=np.float32)[None].repeat(len(labels), 0)
-    for name, array in [
-        (store.IDS_FILE, ids),
-        (store.ID_HASHES_FILE, store.id_hash(ids)),
-        (store.LABELS_FILE, labels),
-        (store.SIMILARITIES_FILE, sims),
-    ]:
-        store.save_npy(os.path.join(path, name), array)
-    np.save(os.path.join(path, store.CENTROIDS_FILE), np.asarray(centroids, np.float32))
+    width = ids.dtype.itemsize // 4  # UCS-4
+    label_store.write_label_files(path, len(ids), labels.shape[1], width, [(ids, labels, sims)])
+    label_store.save_npy(
+        os.path.join(path, store.CENTROIDS_FILE), np.asarray(centroids, np.float32)
+    )
     meta = {
         "num_centers": int(centroids.shape[0]),
         "top_l": int(labels.shape[1]),
@@ -42,8 +39,7 @@ def write_cluster_output(
         "num_examples": len(ids),
         "complete": complete,
     }
-    with open(os.path.join(path, store.META_FILE), "w") as f:
-        json.dump(meta, f)
+    label_store.save_json(os.path.join(path, store.META_FILE), meta)
     return path
 
 
@@ -62,7 +58,7 @@ def mlcd_overrides(scenes_dir, labels_dir, **extra):
     """tiny_overrides for configs/mlcd.py:tiny, its labels and centroids from `labels_dir`."""
     overrides = tiny_overrides(
         scenes_dir,
-        **{"data.labels": labels_dir, "model.centers_init": f"{labels_dir}/centroids.npy"},
+        **{"objective.labels": labels_dir, "objective.centers_init": f"{labels_dir}/centroids.npy"},
         **extra,
     )
     # Its evaluators are the image-only ones: no grounding entry to switch off.

@@ -13,11 +13,11 @@ import shutil
 import numpy as np
 import pytest
 from conftest import SMALL_SCENES, tiny_overrides
+from mlcd_fakes import write_cluster_output
 
 import mlcd
 from configs import common
-from input_pipeline.labels import ClusterLabels
-from mlcd import cluster, export, train
+from mlcd import cluster, export, label_store, train
 from mlcd.clustering import pipeline, store
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,7 +81,7 @@ def embeddings(out_dir):
 
 
 def assert_same_outputs(a, b):
-    for name in (store.CENTROIDS_FILE, *store.LABEL_FILES, store.KMEANS_STATE_FILE):
+    for name in (store.CENTROIDS_FILE, *label_store.LABEL_FILES, store.KMEANS_STATE_FILE):
         with open(os.path.join(a, name), "rb") as fa, open(os.path.join(b, name), "rb") as fb:
             assert fa.read() == fb.read(), name
     np.testing.assert_array_equal(np.asarray(embeddings(a)), np.asarray(embeddings(b)))
@@ -109,11 +109,12 @@ def test_end_to_end_outputs(reference, teacher, scenes_builder):
     source = scenes_builder.as_data_source("train")
     ids = [source[i]["id"].decode() for i in range(256)]
     assert out.ids.tolist() == ids
-    np.testing.assert_array_equal(out.id_hashes, store.id_hash(ids))
-    assert store.id_hash(["train_00000000"]).tolist() == [1484004951770724266]
+    np.testing.assert_array_equal(out.id_hashes, label_store.id_hash(ids))
+    assert label_store.id_hash(["train_00000000"]).tolist() == [1484004951770724266]
     assert all(isinstance(a, np.memmap) for a in out[1:])  # opened, not read
-    joined = ClusterLabels(reference, C).labels_for(np.arange(256), ids)
-    np.testing.assert_array_equal(joined, out.labels)
+    table = label_store.LabelTable(reference, out.labels, out.id_hashes, C)
+    np.testing.assert_array_equal(table.lookup(np.arange(256), ids), out.labels)
+    np.testing.assert_array_equal(table.lookup([255], ids[-1:]), out.labels[-1:])
 
     # Embeddings are the teacher's, and labels are the brute-force top-l against the centroids.
     emb = np.asarray(embeddings(reference))
@@ -138,16 +139,53 @@ def test_rerun_of_a_complete_run_does_nothing(reference, scenes_dir, teacher, ca
     assert "mean top-1 similarity" in capsys.readouterr().out
 
 
-def test_directory_without_label_files_gets_them(reference, scenes_dir, teacher, tmp_path):
-    """A directory finished by an older version (labels.npz, no label files) is completed by
-    re-running the command, from the stage files on disk."""
+def test_directory_of_an_older_version_is_refused(reference, scenes_dir, teacher, tmp_path):
+    """An older version wrote labels.npz (keyed by id) instead of the label files: neither
+    python -m mlcd.cluster nor load_clusters takes such a directory, and nothing is written."""
     out = shutil.copytree(reference, str(tmp_path / "clusters"))
-    for name in store.LABEL_FILES:
+    ids = np.load(os.path.join(out, label_store.IDS_FILE))
+    for name in label_store.LABEL_FILES:
         os.remove(os.path.join(out, name))
-    with pytest.raises(FileNotFoundError, match=r"ids\.npy is missing \(re-run python -m mlcd"):
+    labels = np.zeros((256, L), np.int32)
+    np.savez(os.path.join(out, store.OLD_LABELS_FILE), ids=ids, labels=labels)
+    before = {f: os.path.getmtime(os.path.join(out, f)) for f in os.listdir(out)}
+    message = (
+        r"clusters holds labels\.npz but no labels\.npy: it was written by an older version of "
+        r"python -m mlcd\.cluster; cluster again into a new config\.out_dir"
+    )
+    with pytest.raises(ValueError, match=message):
+        cluster.run(config_of(argv(scenes_dir, teacher, out)))
+    assert {f: os.path.getmtime(os.path.join(out, f)) for f in os.listdir(out)} == before
+    with pytest.raises(ValueError, match=message):
         store.load_clusters(out)
-    assert cluster.main(argv(scenes_dir, teacher, out)) == 0
-    assert_same_outputs(reference, out)
+
+
+def test_load_clusters_checks_the_files(tmp_path):
+    """A fake output (mlcd_fakes): complete, marked incomplete, unmarked, a file of the wrong
+    dtype or missing."""
+    ids = np.array([f"train_{i:08d}" for i in range(64)])
+    labels = np.tile(np.arange(L, dtype=np.int32), (64, 1))
+    path = write_cluster_output(str(tmp_path / "c"), ids, labels, np.ones((C, 8)))
+    out = store.load_clusters(path)
+    assert (out.meta["num_centers"], out.meta["top_l"]) == (C, L)
+    np.testing.assert_array_equal(out.labels, labels)
+    np.testing.assert_array_equal(out.id_hashes, label_store.id_hash(ids))
+
+    label_store.save_npy(os.path.join(path, label_store.LABELS_FILE), labels.astype(np.int64))
+    with pytest.raises(ValueError, match=r"c/labels\.npy: int64 \(64, 4\) does not match"):
+        store.load_clusters(path)
+    os.remove(os.path.join(path, label_store.LABELS_FILE))
+    with pytest.raises(FileNotFoundError, match=r"c is not a complete clustering: labels\.npy is"):
+        store.load_clusters(path)
+
+    partial = write_cluster_output(
+        str(tmp_path / "partial"), ids, labels, np.ones((C, 8)), complete=False
+    )
+    with pytest.raises(ValueError, match=r"partial/clusters\.json: complete is not true"):
+        store.load_clusters(partial)
+    os.remove(os.path.join(partial, store.META_FILE))
+    with pytest.raises(FileNotFoundError, match=r"partial is not a complete clustering"):
+        store.load_clusters(partial)
 
 
 def wrap(monkeypatch, name, crash_at=None):
@@ -197,7 +235,7 @@ def test_crash_in_every_stage_then_resume_equals_uninterrupted(
     assert os.listdir(os.path.join(out, store.ASSIGN_DIR)) == ["shard_00000.npz"]
     redone = crash("_label_shard", 2, ["assign_topk", "kmeans"])  # label files half written
     assert redone == {"assign_topk": 3, "kmeans": 0}
-    assert not [f for f in os.listdir(out) if f in store.LABEL_FILES or ".tmp-" in f]
+    assert not [f for f in os.listdir(out) if f in label_store.LABEL_FILES or ".tmp-" in f]
     cluster.run(config)
     assert_same_outputs(reference, out)
 
@@ -327,7 +365,7 @@ def test_resume_refuses_other_config_or_dims(reference, scenes_dir, teacher, tmp
     ):
         cluster.run(config_of(argv(scenes_dir, teacher, out, **{"kmeans.seed": 1})))
     # Centroids of another embedding size (as if the teacher had changed) are not continued.
-    for name in (store.META_FILE, *store.LABEL_FILES, store.CENTROIDS_FILE):
+    for name in (store.META_FILE, *label_store.LABEL_FILES, store.CENTROIDS_FILE):
         os.remove(os.path.join(out, name))
     shutil.rmtree(os.path.join(out, store.ASSIGN_DIR))
     pipeline.save_kmeans_state(
@@ -340,7 +378,7 @@ def test_resume_refuses_other_config_or_dims(reference, scenes_dir, teacher, tmp
     os.remove(store.shard_path(out, store.EMBEDDINGS_DIR, 3))
     teacher_json = os.path.join(out, store.EMBEDDINGS_DIR, pipeline.TEACHER_FILE)
     with open(teacher_json) as f:
-        store.save_json(teacher_json, {**json.load(f), "embed_dim": 64})
+        label_store.save_json(teacher_json, {**json.load(f), "embed_dim": 64})
     with pytest.raises(ValueError, match=r"gives 128-dim embeddings, but the shards .* hold 64"):
         cluster.run(config_of(argv(scenes_dir, teacher, out)))
     assert not os.path.exists(store.shard_path(out, store.EMBEDDINGS_DIR, 3))

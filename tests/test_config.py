@@ -50,7 +50,7 @@ def test_overrides_are_typed():
             "--config.total_steps=7",
             "--config.optim.lr",
             "3",
-            "--config.pp.flip=false",
+            "--config.distributed.enabled=true",
             "--config.mesh=(('data', 2), ('model', 4))",
             "--config.model.dtype=bfloat16",
             "--config.tokenizer=/x/tok.json",
@@ -58,7 +58,7 @@ def test_overrides_are_typed():
     )
     assert c.total_steps == 7
     assert c.optim.lr == 3.0 and isinstance(c.optim.lr, float)
-    assert c.pp.flip is False
+    assert c.distributed.enabled is True
     assert c.mesh == (("data", 2), ("model", 4))
     assert c.model.dtype == "bfloat16"
     assert c.tokenizer == "/x/tok.json"
@@ -75,7 +75,7 @@ def test_overrides_are_typed():
         ("--config.nothere.x=3", r"--config.nothere: unknown config key"),
         ("--config.total_steps=abc", r"--config.total_steps: cannot parse 'abc' as int"),
         ("--config.total_steps=1.5", r"--config.total_steps: expected int"),
-        ("--config.pp.flip=maybe", r"--config.pp.flip: expected a bool"),
+        ("--config.distributed.enabled=maybe", r"--config.distributed.enabled: expected a bool"),
         ("--steps=3", r"unrecognised argument '--steps=3'"),
     ],
 )

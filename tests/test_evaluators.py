@@ -163,7 +163,7 @@ def test_prompt_ensemble_is_renormalised_mean():
 
 def test_zeroshot_onehot_encoder_is_perfect_and_reads_once():
     builder = scenes_builder()
-    ev = evaluators.get("zeroshot")(builder=builder, tasks=TASKS, batch_size=16)
+    ev = evaluators.EVALUATORS.get("zeroshot")(builder=builder, tasks=TASKS, batch_size=16)
     encoder = FakeEncoder(onehot_images, onehot_texts)
     first = ev.run(encoder)
     assert {keys for keys, _ in encoder.image_calls} == {("embedding",)}  # nothing else computed
@@ -259,7 +259,7 @@ def test_zeroshot_errors():
 def test_unknown_evaluator_lists_known():
     known = "'fewshot', 'grounding', 'image_retrieval', 'linear_probe', 'retrieval', 'zeroshot'"
     with pytest.raises(ValueError, match=rf"unknown evaluator 'linear'; known: \[{known}\]"):
-        evaluators.get("linear")
+        evaluators.EVALUATORS.get("linear")
 
 
 # ---------------------------------------------------------------------------- retrieval
@@ -293,7 +293,7 @@ def identity_texts(texts):
 
 def test_retrieval_identity_encoder_is_perfect_and_reads_once():
     builder = captions_builder()
-    ev = evaluators.get("retrieval")(
+    ev = evaluators.EVALUATORS.get("retrieval")(
         builder=builder, caption_key=["long_caption", "alt"], batch_size=16
     )
     first = ev.run(FakeEncoder(identity_images, identity_texts))
@@ -367,14 +367,16 @@ def test_real_tfds_builder(tmp_path):
     builder.download_and_prepare()
     shape_images = lambda x: np.eye(len(SHAPES), dtype=np.float32)[x[:, 0, 0, 0] % 3]
     task = {"label_key": "largest_shape", "templates": ("a {}",), "single_object": True}
-    zs = evaluators.get("zeroshot")(builder=builder, tasks={"shape": task}, batch_size=5)
+    zs = evaluators.EVALUATORS.get("zeroshot")(builder=builder, tasks={"shape": task}, batch_size=5)
     assert zs.run(FakeEncoder(shape_images, lambda t: onehot_texts(t)[:, : len(SHAPES)])) == {
         "zeroshot/shape/top1": 1.0
     }
     assert len(zs._task_data["shape"].rows) == 12  # the single-object half
 
     number = lambda texts: np.eye(24, dtype=np.float32)[[int(t.split()[-1]) for t in texts]]
-    ret = evaluators.get("retrieval")(builder=builder, split="test[:10]", batch_size=4, ks=(1,))
+    ret = evaluators.EVALUATORS.get("retrieval")(
+        builder=builder, split="test[:10]", batch_size=4, ks=(1,)
+    )
     metrics = ret.run(FakeEncoder(lambda x: np.eye(24, dtype=np.float32)[x[:, 0, 0, 0]], number))
     assert metrics == {"retrieval/test[:10]/i2t_r1": 1.0, "retrieval/test[:10]/t2i_r1": 1.0}
 

@@ -111,7 +111,7 @@ def expected_random_ap(num_relevant, num_others):
 
 def test_image_retrieval_oracle_perfect_random_at_chance():
     builder = entity_builder()
-    ev = evaluators.get("image_retrieval")(builder=builder, batch_size=64)
+    ev = evaluators.EVALUATORS.get("image_retrieval")(builder=builder, batch_size=64)
     encoder = FakeEncoder(set_onehot)
     assert ev.run(encoder) == {"image_retrieval/test/map": 1.0}
     assert {keys for keys, _ in encoder.image_calls} == {("embedding",)}
@@ -125,7 +125,7 @@ def test_image_retrieval_oracle_perfect_random_at_chance():
 
 
 def test_image_retrieval_on_digits_and_errors():
-    ev = evaluators.get("image_retrieval")(
+    ev = evaluators.EVALUATORS.get("image_retrieval")(
         builder=None, dataset="digits", representation="pre_logits"
     )
     pixels = lambda x: x[..., 0].reshape(len(x), -1).astype(np.float32)
@@ -234,7 +234,7 @@ def test_grounding_oracle_perfect_random_at_box_fraction_and_plot(tmp_path):
     builder = scenes_like_builder()
     examples = builder.as_data_source("test")
     plot = tmp_path / "plots" / "grounding.png"
-    ev = evaluators.get("grounding")(builder=builder, plot_path=str(plot), num_plot=3)
+    ev = evaluators.EVALUATORS.get("grounding")(builder=builder, plot_path=str(plot), num_plot=3)
     encoder = oracle_encoder(examples, grid=4, size=32)
     assert ev.run(encoder) == {"grounding/test/pointing_acc": 1.0}
     assert {keys for keys, _ in encoder.image_calls} == {("patch_embeddings",)}

@@ -113,7 +113,7 @@ def test_sample_shots_nested_per_class_and_seeded():
 
 def test_fewshot_onehot_is_perfect_and_embeds_only_what_it_uses():
     builder = probe_builder()
-    ev = evaluators.get("fewshot")(builder=builder, tasks="kind", shots=(1, 5), seeds=2)
+    ev = evaluators.EVALUATORS.get("fewshot")(builder=builder, tasks="kind", shots=(1, 5), seeds=2)
     encoder = FakeEncoder({"pre_logits": kind_onehot})
     assert ev.run(encoder) == {"fewshot/kind/1shot": 1.0, "fewshot/kind/5shot": 1.0}
     embedded = sum(shape[0] for _, shape in encoder.image_calls)
@@ -169,7 +169,7 @@ def test_fewshot_matches_direct_numpy_protocol():
 
 
 def test_fewshot_on_digits_upsamples_to_the_encoder_resolution():
-    ev = evaluators.get("fewshot")(builder=None, dataset="digits", shots=(10,), seeds=1)
+    ev = evaluators.EVALUATORS.get("fewshot")(builder=None, dataset="digits", shots=(10,), seeds=1)
     pixels = lambda x: x[:, ::2, ::2, 0].reshape(len(x), -1).astype(np.float32)  # 16 -> 8 px
     encoder = FakeEncoder({"pre_logits": pixels}, image_size=16)
     metrics = ev.run(encoder)
@@ -238,7 +238,7 @@ def test_probe_accuracy_is_invariant_to_invertible_linear_maps():
 
 def test_linear_probe_onehot_perfect_random_chance():
     builder = probe_builder()
-    ev = evaluators.get("linear_probe")(builder=builder, refinements=1)
+    ev = evaluators.EVALUATORS.get("linear_probe")(builder=builder, refinements=1)
     assert [t.name for t in ev.tasks] == ["kind", "parity"]  # every ClassLabel, sorted
     both = lambda x: unit(np.concatenate([kind_onehot(x), np.eye(2)[x[:, 0, 0, 1]]], axis=1))
     encoder = FakeEncoder(both)
@@ -271,11 +271,11 @@ def test_tfds_mock_datasets(name, tmp_path):
         onehot = lambda x: np.eye(10, dtype=np.float32)[
             [label_of[im[..., 0].tobytes()] for im in x]
         ]
-        lp = evaluators.get("linear_probe")(
+        lp = evaluators.EVALUATORS.get("linear_probe")(
             builder=None, dataset=name, data_dir=str(tmp_path), refinements=0
         )
         assert lp.run(FakeEncoder(onehot, image_size=size)) == {f"linear_probe/{name}/top1": 1.0}
-        fs = evaluators.get("fewshot")(
+        fs = evaluators.EVALUATORS.get("fewshot")(
             builder=None, dataset=name, data_dir=str(tmp_path), shots=(2,)
         )
         encoder = FakeEncoder({"pre_logits": onehot}, image_size=size)

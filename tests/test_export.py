@@ -16,9 +16,8 @@ from mlcd_fakes import dataset_ids, mlcd_overrides, random_cluster_output
 
 import mlcd
 from configs import common
-from mlcd import evaluate, export, optim, train
+from mlcd import evaluate, export, models, objectives, optim, runs, train, train_state
 from mlcd.checkpoint import Checkpointer
-from mlcd.models import encoder_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,14 +40,14 @@ def test_export_reproduces_in_training_metrics_exactly(run, tmp_path):
     out = export.export(workdir, str(tmp_path / "export"))
     assert sorted(os.listdir(out)) == ["export.json", "params", "tokenizer.json"]
     encoder = mlcd.load_encoder(out)  # replicated over a (8,) mesh: not the training mesh
-    spec = export.read_export_meta(out)
+    spec = runs.read_export_meta(out)
     assert spec["step"] == 4
     results = evaluate.evaluate(encoder, spec, ["zeroshot", "retrieval"])
     assert results == {k: v for k, v in final.items() if k in results}
     assert len(results) >= 10
 
     # Same numbers straight from the run directory, without an export.
-    from_run, _ = evaluate._encoder_from_run(workdir, None)
+    from_run, _ = runs.encoder_from_run(workdir, None)
     images = np.random.default_rng(0).integers(0, 255, (5, 48, 40, 3), dtype=np.uint8)
     a = encoder.embed_images(images, keys=("embedding", "pre_logits", "patch_embeddings"))
     b = from_run.embed_images(images, keys=("embedding", "pre_logits", "patch_embeddings"))
@@ -118,18 +117,19 @@ def test_random_init_export_is_the_runs_initial_params(run, tmp_path, capsys):
     out = str(tmp_path / "random")
     assert export.main(["--workdir", workdir, "--out", out, "--random-init"]) == 0
     assert "random-init" in capsys.readouterr().out
-    meta = export.read_export_meta(out)
+    meta = runs.read_export_meta(out)
     assert (meta["step"], meta["random_init"], meta["seed"]) == (0, True, 0)
     random = mlcd.load_encoder(out)
 
-    config = export.load_run_config(workdir)
+    config = runs.load_run_config(workdir)
     mesh = sharding.make_mesh(config.mesh)  # the training mesh, (4, 2)
-    _, abstract = train.abstract_model(config.model)
+    objective = objectives.build(config)
+    _, abstract = train_state.abstract_params(config, objective)
     with jax.set_mesh(mesh):
-        initial = train.init_params(
-            config.model,
-            config.seed,
-            sharding.param_shardings(abstract, config.sharding_rules, mesh),
+        initial = train_state.init_params(
+            config,
+            objective,
+            train_state.param_shardings(config, objective, abstract, mesh),
         )
     assert set(random.params) == set(initial)
     jax.tree.map(
@@ -172,7 +172,7 @@ def mlcd_run(scenes_builder, scenes_dir, tmp_path_factory):
     )
     config = common.load_config(os.path.join(ROOT, "configs/mlcd.py:tiny"))
     common.parse_overrides(
-        config, mlcd_overrides(scenes_dir, labels_dir, **{"model.num_centers": 8192})
+        config, mlcd_overrides(scenes_dir, labels_dir, **{"objective.num_centers": 8192})
     )
     train.train_and_evaluate(config, str(tmp / "run"))
     return str(tmp / "run")
@@ -182,16 +182,16 @@ def test_run_export_reads_only_the_encoder_params(mlcd_run, tmp_path):
     """restore_run_params reads the image tower and nothing else of the checkpoint: no
     optimizer state, step or rng, no class centers; evaluating the run directly gives the
     export's embeddings."""
-    config = export.load_run_config(mlcd_run)
-    _, run_params = train.abstract_model(config.model)
+    config = runs.load_run_config(mlcd_run)
+    _, run_params = train_state.abstract_params(config, objectives.build(config))
     tx, _ = optim.make_optimizer(config.optim, run_params, config.total_steps)
-    saved = _nbytes(train.abstract_state(tx, run_params))  # what the checkpoint holds
-    _, encoder = train.abstract_model(encoder_config(config.model))
-    encoder_bytes, centers_bytes = _nbytes(encoder), _nbytes(run_params["centers"])
+    saved = _nbytes(train_state.abstract_state(tx, run_params))  # what the checkpoint holds
+    _, encoder = models.abstract_model(config.model)
+    encoder_bytes, centers_bytes = _nbytes(encoder), _nbytes(run_params["heads"])
     assert centers_bytes > encoder_bytes  # so reading the centers could not go unnoticed
 
     before = _file_bytes_read()
-    _, _, params, step = export.restore_run_params(mlcd_run)
+    _, _, params, step = runs.restore_run_params(mlcd_run)
     read = _file_bytes_read() - before
     assert step == 2 and sorted(params) == ["image"]  # no centers
     assert jax.tree.structure(params) == jax.tree.structure(encoder)
@@ -203,7 +203,7 @@ def test_run_export_reads_only_the_encoder_params(mlcd_run, tmp_path):
     assert {x.sharding for x in jax.tree.leaves(params)} == {replicated}
 
     # The evaluate path uses the same partial restore and the encoder's graphdef.
-    from_run, spec = evaluate.load_model(workdir=mlcd_run)
+    from_run, spec = runs.load_model(workdir=mlcd_run)
     assert spec["step"] == 2 and sorted(from_run.params) == ["image"]
     exported = mlcd.load_encoder(export.export(mlcd_run, str(tmp_path / "export")))
     images = np.random.default_rng(0).integers(0, 255, (5, 32, 32, 3), dtype=np.uint8)

@@ -1,4 +1,4 @@
-"""MLCD loss and the sharded-classifier primitives: NumPy references, sharded vs references.
+"""MLCD loss: NumPy references, sharded vs references.
 
 References (float64): np_mlcd, the formula as a loop over rows with explicit class sets, gives
 the values; dense_reference, a separate dense [B, C] jnp program differentiated by JAX, gives
@@ -6,8 +6,9 @@ full gradients and is itself checked against np_mlcd (value, and central finite 
 a spread of coordinates). mlcd_loss (loss and gradients w.r.t. emb and centers) is compared with
 them without a mesh, on a 1-device mesh and on 8-device meshes of three shapes. With
 sample_ratio < 1 the references get the classes the sharded code samples
-(sharded_classifier.sampled_classes); a statistical test checks that sampled set against the
-support of the centers' gradient and its rate over many steps.
+(partial_fc.sampled_classes); a statistical test checks that sampled set against the
+support of the centers' gradient and its rate over many steps. The partial_fc blocks themselves
+are tested in test_partial_fc.py.
 """
 
 import functools
@@ -20,8 +21,8 @@ from conftest import shard_map_shapes
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mlcd import partial_fc as pfc
 from mlcd.losses import mlcd_loss
-from mlcd.losses import sharded_classifier as sc
 
 # 8 devices -> b = 2 rows and C_local = 8 classes each; all dims differ from C so the jaxpr test
 # can look for C.
@@ -74,7 +75,8 @@ def _softplus_logsumexp(z):
 
 
 def np_mlcd(emb, centers, labels, *, scale, margin, margin_type, negatives=None, metrics=False):
-    """The formula of DESIGN.md row by row; negatives: sampled global class ids or None (all)."""
+    """The formula (docs/architecture.md, "Loss formulas") row by row; negatives: sampled global
+    class ids or None (all)."""
     e = emb / np.linalg.norm(emb, axis=1, keepdims=True)
     c = centers / np.linalg.norm(centers, axis=1, keepdims=True)
     candidates = np.ones(len(c), bool)
@@ -181,7 +183,7 @@ def _case_kwargs(case, num_shards):
     kwargs = dict(CASES[case], scale=SCALE)
     ratio = kwargs.pop("sample_ratio", 1.0)
     if ratio < 1:
-        kwargs["negatives"] = np.asarray(sc.sampled_classes(RNG_KEY, C, num_shards, ratio))
+        kwargs["negatives"] = np.asarray(pfc.sampled_classes(RNG_KEY, C, num_shards, ratio))
     return kwargs
 
 
@@ -270,7 +272,7 @@ def test_metrics_match_numpy():
             lambda e, c, y, k: mlcd_loss(e, c, y, rng=k, return_metrics=True, **kwargs)
         )(EMB, CENTERS, LABELS, RNG_KEY)
     kwargs.pop("sample_ratio")
-    negatives = np.asarray(sc.sampled_classes(RNG_KEY, C, 8, RATIO))
+    negatives = np.asarray(pfc.sampled_classes(RNG_KEY, C, 8, RATIO))
     want_loss, want = np_mlcd(EMB64, CENTERS64, LABELS, negatives=negatives, metrics=True, **kwargs)
     np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
     assert set(metrics) == set(want)
@@ -319,7 +321,7 @@ def test_sampling_support_and_rate():
     keys = jax.random.split(jax.random.key(3), steps)
     sampled = np.zeros((steps, C), bool)
     for t, ids in enumerate(
-        jax.device_get(jax.vmap(lambda k: sc.sampled_classes(k, C, 8, ratio))(keys))
+        jax.device_get(jax.vmap(lambda k: pfc.sampled_classes(k, C, 8, ratio))(keys))
     ):
         sampled[t, ids] = True
 
@@ -346,7 +348,7 @@ def test_sampling_support_and_rate():
 def test_degenerate_sampling_warns_and_stays_finite():
     """r * C_local < 1 -> one sampled class; a row whose positives include it has no negative."""
     key = jax.random.key(11)
-    (only,) = np.asarray(sc.sampled_classes(key, C, 1, 0.01))
+    (only,) = np.asarray(pfc.sampled_classes(key, C, 1, 0.01))
     labels = LABELS.copy()
     labels[7] = [only, -1, -1]
     with pytest.warns(UserWarning) as record:
@@ -382,7 +384,7 @@ def test_no_full_logits_and_sharded_center_grad(case):
     shapes = shard_map_shapes(jaxpr)
     assert shapes, "no shard_map in the jaxpr"
     assert not [s for s in shapes if C in s], "a value with a full class dimension"
-    k = c_local if case == "arcface" else sc.num_sampled(c_local, RATIO)
+    k = c_local if case == "arcface" else pfc.num_sampled(c_local, RATIO)
     assert (B, k) in shapes  # the gathered batch against this shard's (sampled) columns
 
     spec = NamedSharding(mesh, P(mesh.axis_names))
@@ -393,55 +395,6 @@ def test_no_full_logits_and_sharded_center_grad(case):
     assert {s.data.shape for s in g_centers.addressable_shards} == {(c_local, D)}
     starts = sorted(s.index[0].start for s in g_centers.addressable_shards)
     assert starts == list(range(0, C, c_local))
-
-
-# ----------------------------------------------------------------------------------------------
-# The primitives MOFI reuses: top-k and full-softmax cross-entropy over sharded columns.
-
-
-def test_top_k_and_softmax_cross_entropy_sharded():
-    mesh, k = MESHES["2x4"], 5
-    rng = np.random.default_rng(1)
-    scores = rng.normal(size=(B, C)).astype(np.float32)
-    scores[:, 7] = scores[:, 8] = 10.0  # a tie across shards 0 and 1: the lower id first
-    ids = LABELS
-
-    def per_device(block, ids, axes):
-        values, top = sc.top_k(block, k, axes)
-        return values, top, sc.softmax_cross_entropy(block, ids, axes)
-
-    axes = mesh.axis_names
-    sharded = jax.jit(
-        jax.shard_map(
-            functools.partial(per_device, axes=axes),
-            mesh=mesh,
-            in_specs=(P(None, axes), P()),
-            out_specs=P(),
-        )
-    )
-    want_top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    logp = scores - np.logaddexp.reduce(scores.astype(np.float64), axis=1, keepdims=True)
-    want_ce = [
-        -np.mean([logp[i, y] for y in row if y >= 0]) if (row >= 0).any() else 0.0
-        for i, row in enumerate(ids)
-    ]
-    for name, fn in (
-        ("sharded", sharded),
-        ("reference", jax.jit(functools.partial(per_device, axes=None))),
-    ):
-        values, top, ce = jax.device_get(fn(scores, ids))
-        np.testing.assert_array_equal(top, want_top, err_msg=name)
-        np.testing.assert_array_equal(values, np.take_along_axis(scores, want_top, 1))
-        np.testing.assert_allclose(ce, want_ce, rtol=1e-5, err_msg=name)
-    g_sharded = jax.grad(lambda s: jnp.sum(sharded(s, ids)[2]))(scores)
-    probs = np.exp(logp)
-    target = np.zeros_like(probs)
-    for i, row in enumerate(ids):
-        valid = row[row >= 0]
-        for y in valid:
-            target[i, y] += 1 / len(valid)
-    want_grad = np.where((ids >= 0).any(1, keepdims=True), probs - target, 0.0)
-    np.testing.assert_allclose(g_sharded, want_grad, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------

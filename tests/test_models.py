@@ -11,9 +11,10 @@ import pytest
 from flax import nnx
 
 from mlcd.losses import softmax_contrastive_loss
-from mlcd.models import build_model, build_text, build_vit, layers
-from mlcd.models.text import first_eos_index
-from mlcd.models.vit import ConvStem, PatchEmbed
+from mlcd.models import build_model, layers
+from mlcd.models.text import build_text, first_eos_index
+from mlcd.models.two_tower import l2_normalize
+from mlcd.models.vit import ConvStem, PatchEmbed, build_vit
 
 EOS, PAD = 3, 0
 # Small shapes; 'tiny' variants with overrides keep every test fast on 2 shared cores.
@@ -389,3 +390,27 @@ def test_input_shape_errors():
         model.encode_image(jnp.zeros((1, 32, 32, 3)))
     with pytest.raises(ValueError, match=r"tokens must be \[B, 8\]"):
         model.encode_text(jnp.zeros((1, 9), jnp.int32))
+
+
+def test_l2_normalize_values_and_finite_gradient_at_zero():
+    x = jax.random.normal(jax.random.key(0), (64, 16)) * jnp.logspace(-3, 3, 64)[:, None]
+    # The values of x / max(||x||, eps), bit for bit, compiled as the model compiles them.
+    want = jax.jit(lambda x: x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12))
+    np.testing.assert_array_equal(np.asarray(jax.jit(l2_normalize)(x)), np.asarray(want(x)))
+    zero = jnp.zeros((2, 8))
+    np.testing.assert_array_equal(np.asarray(l2_normalize(zero)), 0.0)
+    grad = jax.grad(lambda v: jnp.sum(l2_normalize(v) * jnp.arange(8.0)))(zero)
+    assert np.all(np.isfinite(np.asarray(grad)))
+    # Away from zero the gradient is the projection (I - u u^T) / ||x||.
+    v = jnp.arange(1.0, 9.0)
+    u = v / jnp.linalg.norm(v)
+    g = jax.grad(lambda v: jnp.sum(l2_normalize(v) * jnp.arange(8.0)))(v)
+    want = (jnp.arange(8.0) - u * jnp.dot(u, jnp.arange(8.0))) / jnp.linalg.norm(v)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(want), rtol=1e-5, atol=1e-7)
+
+
+def test_unknown_model_name_lists_the_known_ones():
+    with pytest.raises(
+        ValueError, match=r"config\.model\.name='vit': unknown model 'vit'; known: \['two_tower'\]"
+    ):
+        build_model(_model_cfg(name="vit"), rngs=nnx.Rngs(0))

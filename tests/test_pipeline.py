@@ -1,5 +1,5 @@
-"""Training input pipeline: determinism, exact resumption, per-host sharding, bad examples,
-and the image ops."""
+"""Training input pipeline and its transforms: determinism, exact resumption, per-host
+sharding, bad examples, op composition and per-op random streams, and the image ops."""
 
 import hashlib
 import os
@@ -9,7 +9,7 @@ import pytest
 from conftest import tiny_overrides
 
 from configs import common
-from input_pipeline import preprocess
+from input_pipeline import preprocess, transforms
 from input_pipeline.pipeline import TrainIterator
 from input_pipeline.tokenizers import load_tokenizer
 
@@ -27,6 +27,13 @@ def tokenizer(scenes_builder):
     return load_tokenizer(os.path.join(scenes_builder.data_dir, "tokenizer.json"))
 
 
+CLIP_FIELDS = ("image", "tokens")
+
+
+def _iterator(builder, config, tokenizer, fields=CLIP_FIELDS, **kwargs):
+    return TrainIterator(builder, config, tokenizer, fields=fields, **kwargs)
+
+
 def _take(it, n):
     return [next(it) for _ in range(n)]
 
@@ -39,7 +46,7 @@ def _same(batches_a, batches_b):
 
 def test_batches_have_the_configured_layout(scenes_builder, scenes_dir, tokenizer):
     config = _config(scenes_dir)
-    batch = next(TrainIterator(scenes_builder, config, tokenizer, host_batch_size=8))
+    batch = next(_iterator(scenes_builder, config, tokenizer, host_batch_size=8))
     assert batch["image"].shape == (8, 32, 32, 3) and batch["image"].dtype == np.uint8
     assert batch["tokens"].shape == (8, 48) and batch["tokens"].dtype == np.int32
     assert np.all((batch["tokens"] == tokenizer.eos_id).sum(1) == 1)
@@ -47,25 +54,25 @@ def test_batches_have_the_configured_layout(scenes_builder, scenes_dir, tokenize
 
 def test_same_seed_same_stream_and_exact_resume(scenes_builder, scenes_dir, tokenizer):
     config = _config(scenes_dir)
-    it = TrainIterator(scenes_builder, config, tokenizer, host_batch_size=8)
+    it = _iterator(scenes_builder, config, tokenizer, host_batch_size=8)
     # 40 batches of 8 > 256 examples: the stream crosses an epoch boundary.
     first = _take(it, 37)
     state = it.get_state()
     rest = _take(it, 3)
-    fresh = TrainIterator(scenes_builder, config, tokenizer, host_batch_size=8)
+    fresh = _iterator(scenes_builder, config, tokenizer, host_batch_size=8)
     _same(first + rest, _take(fresh, 40))
-    resumed = TrainIterator(scenes_builder, config, tokenizer, host_batch_size=8)
+    resumed = _iterator(scenes_builder, config, tokenizer, host_batch_size=8)
     resumed.set_state(state)
     _same(rest, _take(resumed, 3))
-    other = TrainIterator(scenes_builder, _config(scenes_dir, seed=1), tokenizer, host_batch_size=8)
+    other = _iterator(scenes_builder, _config(scenes_dir, seed=1), tokenizer, host_batch_size=8)
     assert not np.array_equal(next(other)["image"], first[0]["image"])
 
 
 def test_epochs_are_reshuffled_and_cover_the_split(scenes_builder, scenes_dir, tokenizer):
     config = _config(scenes_dir)
     with config.unlocked():
-        config.pp.crop_scale, config.pp.flip = (1.0, 1.0), False  # images pass unchanged
-    it = TrainIterator(scenes_builder, config, tokenizer, host_batch_size=16)
+        config.pp.crop_scale = (1.0, 1.0)  # images pass unchanged (no flip_lr op)
+    it = _iterator(scenes_builder, config, tokenizer, host_batch_size=16)
     digest = lambda im: hashlib.sha1(im.tobytes()).hexdigest()
     epoch1 = [digest(im) for b in _take(it, 16) for im in b["image"]]
     epoch2 = [digest(im) for b in _take(it, 16) for im in b["image"]]
@@ -76,10 +83,10 @@ def test_epochs_are_reshuffled_and_cover_the_split(scenes_builder, scenes_dir, t
 def test_hosts_read_disjoint_examples(scenes_builder, scenes_dir, tokenizer):
     config = _config(scenes_dir)
     with config.unlocked():
-        config.pp.crop_scale, config.pp.flip = (1.0, 1.0), False
+        config.pp.crop_scale = (1.0, 1.0)
     seen = []
     for host in range(2):
-        it = TrainIterator(
+        it = _iterator(
             scenes_builder,
             config,
             tokenizer,
@@ -119,7 +126,7 @@ class _CorruptBuilder:
 
 def test_unreadable_image_is_skipped_and_counted(scenes_builder, scenes_dir, tokenizer, caplog):
     config = _config(scenes_dir)
-    it = TrainIterator(_CorruptBuilder(scenes_builder), config, tokenizer, host_batch_size=16)
+    it = _iterator(_CorruptBuilder(scenes_builder), config, tokenizer, host_batch_size=16)
     batches = _take(it, 16)  # one full epoch, minus the bad example, fits in 16 batches
     assert it.skipped == 1
     assert all(b["image"].shape == (16, 32, 32, 3) for b in batches)
@@ -128,19 +135,83 @@ def test_unreadable_image_is_skipped_and_counted(scenes_builder, scenes_dir, tok
 
 def test_bad_split_or_text_key_names_the_key(scenes_builder, scenes_dir, tokenizer):
     with pytest.raises(ValueError, match=r"config\.data\.split='nope'"):
-        TrainIterator(
+        _iterator(
             scenes_builder,
             _config(scenes_dir, **{"data.split": "nope"}),
             tokenizer,
             host_batch_size=8,
         )
     with pytest.raises(ValueError, match=r"config\.data\.text_keys: 'caption' is not a feature"):
-        TrainIterator(
+        _iterator(
             scenes_builder,
             _config(scenes_dir, **{"data.text_keys": "('long_caption', 'caption')"}),
             tokenizer,
             host_batch_size=8,
         )
+
+
+def _with_ops(scenes_dir, ops, **extra):
+    config = _config(scenes_dir, **extra)
+    with config.unlocked():
+        config.pp.ops = tuple(ops)
+    return config
+
+
+def test_ops_are_checked_as_a_chain(scenes_builder, scenes_dir, tokenizer):
+    def build(ops, fields=CLIP_FIELDS, tok=tokenizer):
+        return _iterator(
+            scenes_builder, _with_ops(scenes_dir, ops), tok, fields=fields, host_batch_size=8
+        )
+
+    with pytest.raises(ValueError, match=r"config\.pp\.ops\[1\]='crop': unknown transform"):
+        build(["choose_text", "crop"])
+    with pytest.raises(ValueError, match=r"'tokenize' reads \['text'\], which neither dataset"):
+        build(["tokenize"])
+    with pytest.raises(ValueError, match=r"objective needs batch field\(s\) \['tokens'\]"):
+        build(["random_resized_crop", "choose_text"])
+    with pytest.raises(ValueError, match=r"tokenize: the model has no text tower"):
+        build(["choose_text", "tokenize"], tok=None)
+    with pytest.raises(ValueError, match=r"cannot parse 'tokenize\(48\)'"):
+        build(["choose_text", "tokenize(48)"])
+    with pytest.raises(ValueError, match=r"unexpected keyword argument 'lenght'"):
+        build(["choose_text", "tokenize(lenght=8)"])
+    # Keyword arguments override the config's defaults; only the objective's fields remain.
+    batch = next(build(["random_resized_crop(size=16)", "choose_text", "tokenize(length=8)"]))
+    assert sorted(batch) == ["image", "tokens"]
+    assert batch["image"].shape == (8, 16, 16, 3) and batch["tokens"].shape == (8, 8)
+
+
+def test_each_op_draws_from_its_own_stream(scenes_builder, scenes_dir, tokenizer):
+    """An op's draws do not depend on what other ops draw: with the caption choice before the
+    crop, choosing among two captions instead of one leaves every crop unchanged."""
+    ops = ["choose_text", "random_resized_crop", "tokenize"]
+    images, tokens = [], []
+    for keys in ("('long_caption',)", "('long_caption', 'short_caption')"):
+        config = _with_ops(scenes_dir, ops, **{"data.text_keys": keys})
+        batches = _take(_iterator(scenes_builder, config, tokenizer, host_batch_size=8), 4)
+        images.append(np.concatenate([b["image"] for b in batches]))
+        tokens.append(np.concatenate([b["tokens"] for b in batches]))
+    np.testing.assert_array_equal(images[0], images[1])
+    assert not np.array_equal(tokens[0], tokens[1])  # the captions were drawn differently
+
+
+def test_first_op_stream_is_grains_random_map_stream():
+    """Op 0 draws what grain's random_map draws for the same seed and position: runs made when
+    the crop was a grain random_map reproduce exactly."""
+    import grain
+
+    seed = 7
+    ds = grain.MapDataset.range(20).random_map(lambda x, rng: rng.random(3), seed=seed)
+    chain = transforms.Chain([_Draw(None)], seed)
+    for position in range(20):
+        np.testing.assert_array_equal(chain({}, position)["draw"], ds[position])
+
+
+class _Draw(transforms.Transform):
+    writes = ("draw",)
+
+    def __call__(self, example, rng):
+        return {"draw": rng.random(3)}
 
 
 def test_random_resized_crop_and_center_crop():

@@ -16,7 +16,7 @@ from mlcd_fakes import dataset_ids, mlcd_overrides, random_cluster_output
 
 import mlcd
 from configs import common
-from mlcd import export, train
+from mlcd import export, runs, train
 from mlcd.metrics_writer import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,8 +71,10 @@ def test_mlcd_tiny_trains_two_steps_and_exports_an_image_encoder(
 
     out = export.export(workdir, str(tmp_path / "export"))
     assert sorted(os.listdir(out)) == ["export.json", "params"]  # no tokenizer: image-only
-    meta = export.read_export_meta(out)
-    assert "num_centers" not in meta["model"] and "centers_init" not in meta["model"]
+    meta = runs.read_export_meta(out)
+    assert meta["model"] == runs.load_run_config(workdir).model.to_dict()
+    saved = ocp.StandardCheckpointer().metadata(os.path.join(out, "params")).item_metadata
+    assert sorted(saved) == ["image"]  # the centers head is training-only: not exported
     encoder = mlcd.load_encoder(out)
     emb = encoder.embed_images(np.zeros((3, 32, 32, 3), np.uint8))["embedding"]
     assert emb.shape == (3, 128)

@@ -1,13 +1,17 @@
-"""Dataset registry: `get_builder(name, data_dir, **kwargs)` returns a prepared tfds builder."""
+"""Datasets: `get_builder(name, data_dir, **kwargs)` returns a prepared tfds builder.
+
+DATASETS holds the datasets this codebase can generate itself (offline) when they are missing,
+each registered by its package here as build(data_dir, **kwargs) -> builder; any other name is
+a tfds dataset that must already be prepared.
+"""
 
 import os
 
 import tensorflow_datasets as tfds
 
-from input_pipeline.datasets import synthetic_scenes
+from mlcd.registry import Registry
 
-# Datasets this codebase can generate itself (offline) when they are missing.
-BUILDABLE = {"synthetic_scenes": synthetic_scenes.build}
+DATASETS = Registry("dataset", autoload=("input_pipeline.datasets",))
 
 
 def get_builder(
@@ -22,11 +26,11 @@ def get_builder(
     if not data_dir:
         raise ValueError(f"dataset {name!r} needs a data_dir (got {data_dir!r})")
     data_dir = os.fspath(data_dir)
-    if name in BUILDABLE:
-        return BUILDABLE[name](data_dir, **kwargs)
+    if name in DATASETS:
+        return DATASETS.get(name)(data_dir, **kwargs)
     if kwargs:
         raise ValueError(
-            f"options {sorted(kwargs)} only apply to buildable datasets {sorted(BUILDABLE)}, "
+            f"options {sorted(kwargs)} only apply to buildable datasets {DATASETS.names()}, "
             f"not to {name!r}"
         )
     if not os.path.isdir(data_dir):

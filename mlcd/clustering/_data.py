@@ -5,9 +5,9 @@ N is bounded by disk, not device memory) or a jax.Array. Work is done on chunks 
 chunk is padded to one static row count, so a whole pass compiles once, and the padded rows are
 masked out by a `num_valid` scalar, not by a transferred mask.
 
-Layout under `jax.set_mesh(mesh)` with more than one device (DESIGN.md, "Sharding conventions"):
-a chunk's rows and the centers' rows are both split over ALL mesh axes, dim 0 on
-`batch_spec(mesh)`. The sharded kernels all-gather the chunk, so every device scores all its
+Layout under `jax.set_mesh(mesh)` with more than one device (the Partial-FC layout, see
+mlcd.partial_fc): a chunk's rows and the centers' rows are both split over ALL mesh axes, dim 0
+on `batch_spec(mesh)`. The sharded kernels all-gather the chunk, so every device scores all its
 rows against its own K / n centers.
 """
 
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from mlcd.losses import _mesh
+from mlcd import partial_fc
 from mlcd.sharding import batch_spec
 
 # Tiling of the score matrix x @ centers.T in the kernels: BLOCK_ROWS rows by CENTER_TILE
@@ -48,7 +48,7 @@ def check_data(x: Any, name: str = "x") -> tuple[int, int]:
 
 def num_shards() -> int:
     """Devices the centers are split over: the size of the `jax.set_mesh` mesh, else 1."""
-    mesh = _mesh.batch_mesh()
+    mesh = partial_fc.batch_mesh()
     return 1 if mesh is None else mesh.size
 
 
@@ -90,7 +90,7 @@ def plan_rows(rows: int, shards: int) -> Plan:
 
 def row_sharding() -> NamedSharding | None:
     """Sharding of a chunk's (or the centers') dim 0 under the current mesh; None unsharded."""
-    if _mesh.batch_mesh() is None:
+    if partial_fc.batch_mesh() is None:
         return None
     mesh = jax.sharding.get_mesh()
     return NamedSharding(mesh, batch_spec(mesh))

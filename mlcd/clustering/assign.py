@@ -4,13 +4,14 @@ Scores are plain dot products s_ic = x_i . c_c (cosines when rows of x and the c
 L2-normalised; nothing is normalised here). Ties go to the lower center id everywhere, in the
 sharded and the unsharded path alike, so both return identical ids.
 
-Sharded (under `jax.set_mesh` with more than one device; Partial-FC layout, DESIGN.md): the
-centers [K, D] are split along K over all n devices (K / n rows each) and the rows of x over all
-devices. Each device all-gathers the rows, scores them against its own centers one tile at a
-time ([block, center_tile] scores, never [N, K / n]), keeps its local top-k' (k' = min(k, K / n),
-so that k > K / n still sees every center), and an all_to_all sends each row's n * k' candidates
-to the device that owns the row, which takes the global top-k. No device holds the full center
-matrix.
+Sharded (under `jax.set_mesh` with more than one device; the Partial-FC layout of
+mlcd.partial_fc): the centers [K, D] are split along K over all n devices (K / n rows each) and
+the rows of x over all devices. Each device all-gathers the rows, scores them against its own
+centers one tile at a time ([block, center_tile] scores, never [N, K / n]), keeps its local
+top-k' (k' = min(k, K / n), so that k > K / n still sees every center), and
+`partial_fc.merge_top_k(..., split_rows=True)` (an all_to_all) sends each row's n * k'
+candidates to the device that owns the row, which takes the global top-k. No device holds the
+full center matrix.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mlcd import partial_fc
 from mlcd.clustering import _data
-from mlcd.losses import _mesh
 from mlcd.sharding import batch_spec
 
 
@@ -213,38 +214,17 @@ def block_candidates_top1(
     return best.reshape(-1), idx.reshape(-1)
 
 
-def merge_topk(
-    vals: jax.Array, ids: jax.Array, k: int, axes: tuple[str, ...]
-) -> tuple[jax.Array, jax.Array]:
-    """Global top-k of each row from every device's local top-k' (inside shard_map).
-
-    vals float32 / ids int32 [rows, k'] (global center ids) of ALL rows on every device, rows a
-    multiple of the device count n. An all_to_all sends row block r's candidates to device r,
-    which keeps the top-k of its rows' n * k' candidates: returns (ids int32, vals float32)
-    [rows / n, k], sorted descending; equal scores in increasing global id order.
-    """
-    n = jax.lax.axis_size(axes)
-    kk = vals.shape[1]
-    # Afterwards dim 0 is the source shard, in shard order, so equal scores stay in increasing
-    # global id order for the final top_k.
-    vals = jax.lax.all_to_all(vals.reshape(n, -1, kk), axes, 0, 0)
-    ids = jax.lax.all_to_all(ids.reshape(n, -1, kk), axes, 0, 0)
-    rows = vals.shape[1]
-    vals = vals.transpose(1, 0, 2).reshape(rows, n * kk)
-    ids = ids.transpose(1, 0, 2).reshape(rows, n * kk)
-    top, pos = jax.lax.top_k(vals, k)
-    return jnp.take_along_axis(ids, pos, axis=1), top
-
-
 def _assign_shard(x, centers, *, k: int, plan: _data.Plan, axes: tuple[str, ...]):
-    """Per-device body of the sharded assignment: this device's rows' global top-k.
+    """Per-device body of the sharded assignment: (scores, ids) [padded / n, k], the global
+    top-k of this device's rows.
 
     x [padded / n, D] (this device's rows), centers [K / n, D] (this device's centers).
     """
     k_local = centers.shape[0]
     x = jax.lax.all_gather(x, axes, tiled=True)  # [padded, D]: every row meets every shard
     vals, idx = block_topk(x, centers, min(k, k_local), plan)
-    return merge_topk(vals, idx + jax.lax.axis_index(axes) * k_local, k, axes)
+    ids = idx + jax.lax.axis_index(axes) * k_local
+    return partial_fc.merge_top_k(vals, ids, k, axes, split_rows=True)
 
 
 @functools.partial(jax.jit, static_argnames=("k", "plan"))
@@ -255,14 +235,14 @@ def _assign(
     rows = x.shape[0]
     x = jnp.pad(x.astype(jnp.float32), ((0, plan.padded - rows), (0, 0)))
     centers = centers.astype(jnp.float32)
-    mesh = _mesh.batch_mesh()
+    mesh = partial_fc.batch_mesh()
     if mesh is None:
         vals, idx = block_topk(x, centers, k, plan)
         return idx[:rows], vals[:rows]
     spec = batch_spec(mesh)
-    x, centers = _mesh.shard_batch(x, mesh), _mesh.shard_batch(centers, mesh)
+    x, centers = partial_fc.shard_batch(x, mesh), partial_fc.shard_batch(centers, mesh)
     body = functools.partial(_assign_shard, k=k, plan=plan, axes=mesh.axis_names)
-    idx, vals = jax.shard_map(body, mesh=mesh, in_specs=(spec, spec), out_specs=(spec, spec))(
+    vals, idx = jax.shard_map(body, mesh=mesh, in_specs=(spec, spec), out_specs=(spec, spec))(
         x, centers
     )
     return idx[:rows], vals[:rows]

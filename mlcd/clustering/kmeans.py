@@ -22,9 +22,9 @@ bench/kmeans.py (200,000 x 128, K = 1,024) the new best center was among a row's
 best in 96.5% of rows after the first iteration and in 99.9% or more from the fourth on, and
 among its previous 16 in 99.9% or more from the first. The k_c recorded are the best center of
 each of the row's k_c best groups of CANDIDATE_GROUP consecutive center ids (the exact top-k_c
-unless two share a group): a full top-k costs more than the pass's matmul on a CPU. The objective still never decreases (a
-row's own center is always among its candidates); a re-seeded center takes part from the next
-exact pass on. Ties among candidates go to the earlier (better-ranked) candidate.
+unless two share a group): a full top-k costs more than the pass's matmul on a CPU. The
+objective still never decreases (a row's own center is always among its candidates); a
+re-seeded center takes part from the next exact pass on. Ties among candidates go to the earlier (better-ranked) candidate.
 
 Empty clusters (no point assigned) are re-seeded with distinct random data rows, drawn by a
 generator seeded with (seed, iteration), in increasing center id order: a deterministic result.
@@ -41,8 +41,10 @@ devices (K / n rows each; K must be divisible by n). Each device all-gathers the
 scores them against its own centers one [block, center_tile] tile at a time and keeps each row's
 local best; an all-gather of the n local bests [n, rows] names the owner of each row's global
 best (lowest shard, hence lowest id, on ties), and each device accumulates sums and counts
-(segment_sum) only for the rows its own centers won. The update is row-wise, so it stays local.
-No device holds the full center matrix or a [rows, K] score block.
+(segment_sum) only for the rows its own centers won. A refresh pass of the candidate assignment
+also keeps each row's local k_c candidates, and `partial_fc.merge_top_k(..., split_rows=True)`
+gives each device the global k_c candidates of its own rows. The update is row-wise, so it stays
+local. No device holds the full center matrix or a [rows, K] score block.
 """
 
 from __future__ import annotations
@@ -58,8 +60,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
+from mlcd import partial_fc
 from mlcd.clustering import _data, _init, assign, faiss_backend
-from mlcd.losses import _mesh
 from mlcd.sharding import batch_spec
 
 BACKENDS = ("jax", "faiss")
@@ -131,7 +133,9 @@ def _accumulate_shard(
         best, idx = vals[:, 0], top[:, 0]
         new_candidates = top + offset
         if axes:
-            new_candidates, _ = assign.merge_topk(vals, new_candidates, num_candidates, axes)
+            _, new_candidates = partial_fc.merge_top_k(
+                vals, new_candidates, num_candidates, axes, split_rows=True
+            )
     else:
         if axes:
             candidates = jax.lax.all_gather(candidates, axes, tiled=True)  # [padded, k_c]
@@ -165,7 +169,7 @@ def _accumulate(
 ):
     """Jitted `_accumulate_shard`, under shard_map when a mesh is set; arrays are global
     (`candidates` row-sharded like x)."""
-    mesh = _mesh.batch_mesh()
+    mesh = partial_fc.batch_mesh()
     body = functools.partial(
         _accumulate_shard,
         plan=plan,
@@ -219,7 +223,7 @@ def _update_shard(centers, sums, counts, seeds, *, spherical, axes):
 @functools.partial(jax.jit, static_argnames=("spherical",), donate_argnames=("centers",))
 def _update(centers, sums, counts, seeds, *, spherical):
     """Jitted `_update_shard`, under shard_map when a mesh is set; arrays are global."""
-    mesh = _mesh.batch_mesh()
+    mesh = partial_fc.batch_mesh()
     body = functools.partial(_update_shard, spherical=spherical)
     if mesh is None:
         return body(centers, sums, counts, seeds, axes=None)

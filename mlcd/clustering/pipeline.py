@@ -1,6 +1,7 @@
 """The stages of `python -m mlcd.cluster`: embed -> k-means -> assign -> label files.
 
-Each stage reads the previous one's files and resumes from its own (layout: store.py):
+Each stage reads the previous one's files and resumes from its own (layout: store.py; the
+label files: mlcd/label_store.py):
   embed    teacher embeddings of every example, shard by shard; a shard on disk is complete.
   kmeans   spherical k-means in blocks of `save_every` iterations, the state saved after each.
   assign   the top-l centers of every example, one embedding shard at a time.
@@ -30,6 +31,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from input_pipeline import preprocess
+from mlcd import label_store
 from mlcd.clustering import _data, store
 from mlcd.clustering.assign import assign_topk
 from mlcd.clustering.kmeans import kmeans
@@ -90,7 +92,7 @@ def _check_teacher(out_dir: str, teacher: dict[str, Any], dim: int) -> None:
     """Errors unless the teacher (and its embedding size) is the one that wrote the shards."""
     path = os.path.join(out_dir, store.EMBEDDINGS_DIR, TEACHER_FILE)
     if not os.path.exists(path):
-        store.save_json(path, {**teacher, "embed_dim": dim})
+        label_store.save_json(path, {**teacher, "embed_dim": dim})
         return
     with open(path) as f:
         before = json.load(f)
@@ -178,7 +180,7 @@ def embed(
 
 def write_embedding_shard(path: str, ids: np.ndarray, emb: np.ndarray) -> None:
     """embeddings/shard_*.npz: ids str [n], emb float32 [n, D] (atomically)."""
-    store.save_npz(path, ids=ids, emb=emb)
+    label_store.save_npz(path, ids=ids, emb=emb)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,7 +207,7 @@ def _load_state(path: str, shape: tuple[int, int]) -> tuple[np.ndarray, int, lis
 
 def save_kmeans_state(path: str, centroids: np.ndarray, iteration: int, objective) -> None:
     """kmeans_state.npz after `iteration` completed iterations (atomically)."""
-    store.save_npz(
+    label_store.save_npz(
         path,
         centroids=centroids,
         iteration=np.int64(iteration),
@@ -254,7 +256,7 @@ def run_kmeans(
         bar.update(block)
         bar.set_postfix(objective=f"{objective[-1]:.5f}")
     bar.close()
-    store.save_npy(final_path, centroids)
+    label_store.save_npy(final_path, centroids)
     return centroids, objective
 
 
@@ -291,46 +293,34 @@ def assign(
         labels, sims = assign_topk(
             emb.shard(s), centers, int(config.assign.top_l), chunk_size=config.assign.chunk_size
         )
-        store.save_npz(paths[s], labels=labels.astype(np.int32), similarities=sims)
+        label_store.save_npz(paths[s], labels=labels.astype(np.int32), similarities=sims)
         bar.update(emb.sizes[s])
     bar.close()
 
 
 def labels_written(out_dir: str) -> bool:
-    """Whether every label file (store.LABEL_FILES) is on disk."""
-    return all(os.path.exists(os.path.join(out_dir, name)) for name in store.LABEL_FILES)
+    """Whether every label file (label_store.LABEL_FILES) is on disk."""
+    return all(os.path.exists(os.path.join(out_dir, name)) for name in label_store.LABEL_FILES)
 
 
-def _label_shard(out_dir: str, emb: store.EmbeddingShards, s: int) -> dict[str, np.ndarray]:
-    """The rows of shard `s` for each label file: ids str [n], id_hashes uint64 [n], labels
-    int32 [n, l], similarities float32 [n, l]."""
-    ids = emb.ids(s)
+def _label_shard(
+    out_dir: str, emb: store.EmbeddingShards, s: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids str [n], labels int32 [n, l], similarities float32 [n, l]) of shard `s`."""
     with np.load(store.shard_path(out_dir, store.ASSIGN_DIR, s)) as z:
         labels, sims = z["labels"], z["similarities"]
-    return {
-        store.IDS_FILE: ids,
-        store.ID_HASHES_FILE: store.id_hash(ids),
-        store.LABELS_FILE: labels,
-        store.SIMILARITIES_FILE: sims,
-    }
+    return emb.ids(s), labels, sims
 
 
 def write_labels(out_dir: str, emb: store.EmbeddingShards, top_l: int) -> None:
-    """The label files (store.LABEL_FILES), streamed shard by shard from the stage files.
+    """The label files (label_store.LABEL_FILES), streamed shard by shard from the stage files.
 
     Row i is example i of the split: embedding shard s holds examples [s * shard_size, ...) in
     index order (`embed`), and assign shard s has the same rows.
     """
-    width = max(store.npy_header(p, "ids")[1].itemsize // 4 for p in emb.paths)  # UCS-4
-    n = len(emb)
-    specs = {
-        store.IDS_FILE: (np.dtype(f"<U{width}"), (n,)),
-        store.ID_HASHES_FILE: (np.dtype(np.uint64), (n,)),
-        store.LABELS_FILE: (np.dtype(np.int32), (n, top_l)),
-        store.SIMILARITIES_FILE: (np.dtype(np.float32), (n, top_l)),
-    }
+    width = max(label_store.npy_header(p, "ids")[1].itemsize // 4 for p in emb.paths)  # UCS-4
     chunks = (_label_shard(out_dir, emb, s) for s in range(len(emb.paths)))
-    store.save_npy_streaming(out_dir, specs, chunks)
+    label_store.write_label_files(out_dir, len(emb), top_l, width, chunks)
 
 
 def label_stats(out_dir: str, num_shards: int, num_centers: int) -> dict[str, Any]:
@@ -385,5 +375,5 @@ def plot(path: str, stats: dict[str, Any], objective: list[float], top_l: int) -
     for ax in (ax_size, ax_sim, ax_obj):
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    with store.atomic_file(path) as f:
+    with label_store.atomic_file(path) as f:
         fig.savefig(f, format="png", dpi=100)

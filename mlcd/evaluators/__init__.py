@@ -1,43 +1,42 @@
-"""Evaluators of image(-text) encoders, looked up by their config name.
+"""Evaluators of image(-text) encoders, picked by name (EVALUATORS) from config.evals.
 
-Usage (trainer, `mlcd.evaluate`):
-  cls = evaluators.get(name)                       # 'zeroshot', 'retrieval', 'fewshot', ...
-  evaluator = cls(builder=builder, **eval_kwargs)  # reads nothing until the first run
+Usage (the trainer and `mlcd.evaluate` alike):
+  evaluator, every = evaluators.build(name, config.evals[name], builder=builder, ...)
   metrics = evaluator.run(encoder)                 # {'zeroshot/shape/top1': 0.93, ...}
 Several evaluators in one round: pass them `SharedEmbeddings(encoder)` (a new one per round)
 so that images they share are embedded once.
 `builder` is the training dataset's tfds builder; an evaluator on another dataset takes it from
 its kwargs (dataset='digits', or a tfds name + data_dir) and ignores `builder`. The encoder
-contract (embed_images / embed_texts / image_size) is in `common`.
+contract (embed_images / embed_texts / image_size) is in `common`. Each evaluator module
+registers its class with `@EVALUATORS.register(type)`.
 """
 
-from mlcd.evaluators.fewshot import FewShotEvaluator
-from mlcd.evaluators.grounding import GroundingEvaluator
-from mlcd.evaluators.image_retrieval import ImageRetrievalEvaluator
-from mlcd.evaluators.linear_probe import LinearProbeEvaluator
-from mlcd.evaluators.retrieval import RetrievalEvaluator
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
 from mlcd.evaluators.shared import SharedEmbeddings
-from mlcd.evaluators.zero_shot import ZeroShotEvaluator
+from mlcd.registry import Registry
 
-__all__ = ["SharedEmbeddings", "get"]
+EVALUATORS = Registry("evaluator", autoload=("mlcd.evaluators",))
 
-_EVALUATORS: dict[str, type] = {
-    "zeroshot": ZeroShotEvaluator,
-    "retrieval": RetrievalEvaluator,
-    "fewshot": FewShotEvaluator,
-    "linear_probe": LinearProbeEvaluator,
-    "image_retrieval": ImageRetrievalEvaluator,
-    "grounding": GroundingEvaluator,
-}
+__all__ = ["EVALUATORS", "SharedEmbeddings", "build"]
 
 
-def get(name: str) -> type:
-    """The evaluator class registered as `name`.
+def build(
+    name: str, entry: Mapping[str, Any], *, builder: Any, out_dir: str | None, default_every: int
+) -> tuple[Any, int]:
+    """(evaluator, every) of a config.evals entry {type (default: name), every, **kwargs}.
 
-    Raises:
-      ValueError: unknown name (the message lists the registered ones).
+    every: evaluate each `every` steps (default `default_every`, i.e. config.eval_every); 0 =
+    only after the last step; < 0 = never (the trainer skips the entry). Evaluators that write
+    files (an `out_dir` argument) write them under `out_dir` (None: nothing written).
     """
-    try:
-        return _EVALUATORS[name]
-    except KeyError:
-        raise ValueError(f"unknown evaluator {name!r}; known: {sorted(_EVALUATORS)}") from None
+    kwargs = dict(entry)
+    cls = EVALUATORS.get(kwargs.pop("type", name), key=f"config.evals.{name}.type")
+    every = int(kwargs.pop("every", default_every))
+    if "out_dir" in inspect.signature(cls).parameters:
+        kwargs["out_dir"] = out_dir
+    return cls(builder=builder, **kwargs), every

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from mlcd.evaluators import common, labelled
+from mlcd.evaluators import EVALUATORS, common, labelled
 
 BIAS_FEATURE = 100.0
 DEFAULT_L2_REGS = tuple(float(2.0**i) for i in range(-10, 20))
@@ -108,6 +108,7 @@ def sample_shots(
     return np.stack(rows)
 
 
+@EVALUATORS.register("fewshot")
 class FewShotEvaluator:
     """Few-shot ridge probe accuracy per task and shot count: `fewshot/<task>/<k>shot`.
 

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from input_pipeline.datasets.synthetic_scenes import split_sentences
-from mlcd.evaluators import common
+from mlcd.evaluators import EVALUATORS, common
 
 # Pairs per similarity block: bounds the gathered [block, P, E] patch embeddings (64 x 128 x 4
 # bytes = 32 KiB per pair).
@@ -191,6 +191,7 @@ def plot_grounding(
     _atomic_savefig(fig, path)
 
 
+@EVALUATORS.register("grounding")
 class GroundingEvaluator:
     """Pointing-game accuracy of patch-text similarity maps: `grounding/<name>/pointing_acc`.
 

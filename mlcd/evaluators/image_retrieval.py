@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from mlcd.evaluators import common, labelled
+from mlcd.evaluators import EVALUATORS, common, labelled
 
 # Queries scored per block: bounds the [block, N] temporaries (GPR1200's 12k images: 12k x 1k
 # float32 = 48 MiB per array instead of 576 MiB for the whole matrix).
@@ -93,6 +93,7 @@ def mean_average_precision(
     return float(np.nanmean(aps))
 
 
+@EVALUATORS.register("image_retrieval")
 class ImageRetrievalEvaluator:
     """Image-to-image mAP: `image_retrieval/<name>/map`.
 

@@ -33,7 +33,7 @@ import tqdm
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 
-from mlcd.evaluators import common, labelled
+from mlcd.evaluators import EVALUATORS, common, labelled
 
 DEFAULT_C_GRID = tuple(float(10.0**e) for e in range(-6, 7, 2))
 _WHITEN_RTOL = 1e-8
@@ -120,6 +120,7 @@ def probe_accuracy(
     return float(np.mean(model.predict(s_te) == y_te)), c
 
 
+@EVALUATORS.register("linear_probe")
 class LinearProbeEvaluator:
     """Logistic-regression probe top-1 per task: `linear_probe/<task>/top1`.
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from mlcd.evaluators import common
+from mlcd.evaluators import EVALUATORS, common
 
 
 def retrieval_ranks(sim: np.ndarray, text_to_image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -95,6 +95,7 @@ def flatten_captions(
     return captions, np.asarray(owners, dtype=np.int64)
 
 
+@EVALUATORS.register("retrieval")
 class RetrievalEvaluator:
     """Image-text Recall@k both ways: `retrieval/<name>/{i2t,t2i}_r{k}`, name defaulting to split.
 

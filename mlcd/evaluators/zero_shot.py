@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from mlcd.evaluators import common
+from mlcd.evaluators import EVALUATORS, common
 
 # Feature read by tasks with single_object=True (the synthetic_scenes object count).
 NUM_OBJECTS_KEY = "num_objects"
@@ -202,6 +202,7 @@ class _TaskData:
     positives: np.ndarray  # bool [n, C]
 
 
+@EVALUATORS.register("zeroshot")
 class ZeroShotEvaluator:
     """Zero-shot top-1 (and top-5 when C > 5) accuracy per task: `zeroshot/<task>/top{k}`.
 

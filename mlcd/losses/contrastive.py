@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from mlcd.losses import _mesh
+from mlcd import partial_fc
 from mlcd.sharding import batch_spec, check_batch_divisible
 
 _REDUCTIONS = ("mean", "sum")
@@ -106,12 +106,12 @@ def softmax_contrastive_loss(
 def _softmax_loss(zimg, ztxt, logit_scale, *, label_smoothing: float, reduction: str):
     batch = zimg.shape[0]
     zimg, ztxt, logit_scale = (
-        _mesh.as_float32(zimg),
-        _mesh.as_float32(ztxt),
-        _mesh.as_float32(logit_scale),
+        partial_fc.as_float32(zimg),
+        partial_fc.as_float32(ztxt),
+        partial_fc.as_float32(logit_scale),
     )
 
-    mesh = _mesh.batch_mesh()
+    mesh = partial_fc.batch_mesh()
     if mesh is None:
         labels = jnp.arange(batch)
         logits = logit_scale * zimg @ ztxt.T
@@ -134,7 +134,7 @@ def _softmax_loss(zimg, ztxt, logit_scale, *, label_smoothing: float, reduction:
         return _combine(l_i2t, l_t2i, reduction) / batch
 
     spec = batch_spec(mesh)
-    zimg, ztxt = _mesh.shard_batch(zimg, mesh), _mesh.shard_batch(ztxt, mesh)
+    zimg, ztxt = partial_fc.shard_batch(zimg, mesh), partial_fc.shard_batch(ztxt, mesh)
     return jax.shard_map(per_device, mesh=mesh, in_specs=(spec, spec, P()), out_specs=P())(
         zimg, ztxt, logit_scale
     )
@@ -186,10 +186,10 @@ def sigmoid_contrastive_loss(
 @jax.jit
 def _sigmoid_loss(zimg, ztxt, logit_scale, logit_bias):
     batch = zimg.shape[0]
-    zimg, ztxt = _mesh.as_float32(zimg), _mesh.as_float32(ztxt)
-    logit_scale, logit_bias = _mesh.as_float32(logit_scale), _mesh.as_float32(logit_bias)
+    zimg, ztxt = partial_fc.as_float32(zimg), partial_fc.as_float32(ztxt)
+    logit_scale, logit_bias = partial_fc.as_float32(logit_scale), partial_fc.as_float32(logit_bias)
 
-    mesh = _mesh.batch_mesh()
+    mesh = partial_fc.batch_mesh()
     if mesh is None:
         return _sigmoid_block_sum(zimg, ztxt, logit_scale, logit_bias, True) / batch
 
@@ -218,7 +218,7 @@ def _sigmoid_loss(zimg, ztxt, logit_scale, logit_bias):
         return jax.lax.psum(total, axes) / batch
 
     spec = batch_spec(mesh)
-    zimg, ztxt = _mesh.shard_batch(zimg, mesh), _mesh.shard_batch(ztxt, mesh)
+    zimg, ztxt = partial_fc.shard_batch(zimg, mesh), partial_fc.shard_batch(ztxt, mesh)
     return jax.shard_map(per_device, mesh=mesh, in_specs=(spec, spec, P(), P()), out_specs=P())(
         zimg, ztxt, logit_scale, logit_bias
     )

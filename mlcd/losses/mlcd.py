@@ -16,7 +16,7 @@ Sharded (under `jax.set_mesh` with more than one device), Partial-FC layout: cen
 split along C over all devices (C_local = C / N rows each), the batch split over all devices.
 Each device all-gathers the features and labels, then
 - positives: gathers the [B, l] center rows of the positives it owns and scores them; a psum
-  combines (mlcd.losses.sharded_classifier.gather_cosines). Every positive is always scored,
+  combines (mlcd.partial_fc.gather_cosines). Every positive is always scored,
   however many positives the batch holds and whether or not its class is sampled: no overflow,
   static shapes.
 - negatives: samples k = ceil(r * C_local) of its classes (shared by the whole batch), scores
@@ -34,8 +34,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 
-from mlcd.losses import _mesh
-from mlcd.losses import sharded_classifier as sc
+from mlcd import partial_fc as pfc
 from mlcd.sharding import check_batch_divisible
 
 # Below 1 - cos^2 = 1e-6 (theta < ~1e-3 rad) the sin(theta) factor of the ArcFace margin is
@@ -134,7 +133,7 @@ def mlcd_loss(
         classes as negatives (Partial FC; the paper's best is 0.1), a function of (rng, shard
         index) only, so the sampled set depends on the number of devices: the same rng on 1
         and on 8 devices gives different (equally distributed) subsets. See
-        sharded_classifier.sampled_classes for a reproduction.
+        mlcd.partial_fc.sampled_classes for a reproduction.
       rng: PRNG key, required when sample_ratio < 1 (pass a fresh one every step); ignored
         otherwise.
       return_metrics: also return a dict of float32 scalars (no gradient): pos_loss and
@@ -188,7 +187,7 @@ def _per_device(
     [C_local, D]. Returns device-invariant scalars.
     """
     num_local = centers.shape[0]
-    feats = emb * sc.inverse_norm(emb)[:, None]  # normalise before the gather: b rows, not B
+    feats = emb * pfc.inverse_norm(emb)[:, None]  # normalise before the gather: b rows, not B
     if axes is not None:
         feats = jax.lax.all_gather(feats, axes, tiled=True)  # [B, D]; grad: reduce-scatter
         labels = jax.lax.all_gather(labels, axes, tiled=True, to="invarying")  # [B, l]
@@ -199,20 +198,20 @@ def _per_device(
 
     # Positive term: every row's l centers gathered directly from their owners.
     positive = _first_occurrence(labels)
-    cos_pos = sc.gather_cosines(feats, centers, labels, axes)  # [B, l]
+    cos_pos = pfc.gather_cosines(feats, centers, labels, axes)  # [B, l]
     z_pos = scale * margin_fn(cos_pos)
-    pos_term = jax.nn.softplus(sc.logsumexp(-z_pos, positive, None))  # [B]; 0 if P_i empty
+    pos_term = jax.nn.softplus(pfc.logsumexp(-z_pos, positive, None))  # [B]; 0 if P_i empty
 
     # Negative term: this shard's sampled (or all) classes, shared by the batch, minus each
     # row's own positives.
     if sample_ratio < 1.0:
-        columns = sc.sample_columns(rng, num_local, sample_ratio, sc.shard_index(axes))
+        columns = pfc.sample_columns(rng, num_local, sample_ratio, pfc.shard_index(axes))
         rows = centers[columns]  # [k, D]
     else:
         columns, rows = None, centers
-    cos_neg = sc.cosines(feats, rows)  # [B, k]: this shard's block only
-    negative = ~sc.id_mask(labels, num_local, axes, columns)
-    neg_term = jax.nn.softplus(sc.logsumexp(scale * cos_neg, negative, axes))  # [B]
+    cos_neg = pfc.cosines(feats, rows)  # [B, k]: this shard's block only
+    negative = ~pfc.id_mask(labels, num_local, axes, columns)
+    neg_term = jax.nn.softplus(pfc.logsumexp(scale * cos_neg, negative, axes))  # [B]
 
     loss = jnp.mean(pos_term + neg_term)
     if not metrics:
@@ -233,7 +232,7 @@ def _per_device(
 
 
 def _warn_degenerate_sampling(sample_ratio, num_local, num_shards, num_labels) -> None:
-    k = sc.num_sampled(num_local, sample_ratio)
+    k = pfc.num_sampled(num_local, sample_ratio)
     if sample_ratio * num_local < 1:
         warnings.warn(
             f"mlcd_loss: sample_ratio={sample_ratio} x {num_local} classes per shard < 1; "
@@ -256,7 +255,7 @@ def _warn_degenerate_sampling(sample_ratio, num_local, num_shards, num_labels) -
 def _mlcd_loss(
     emb, centers, labels, rng, *, scale, margin, margin_type, sample_ratio, return_metrics
 ):
-    emb, centers = _mesh.as_float32(emb), _mesh.as_float32(centers)
+    emb, centers = pfc.as_float32(emb), pfc.as_float32(centers)
     num_classes = centers.shape[0]
     body = functools.partial(
         _per_device,
@@ -266,10 +265,10 @@ def _mlcd_loss(
         sample_ratio=sample_ratio,
         metrics=return_metrics,
     )
-    mesh = _mesh.batch_mesh()
+    mesh = pfc.batch_mesh()
     num_shards = 1 if mesh is None else mesh.size
     if mesh is not None:
         check_batch_divisible(emb.shape[0], mesh, "global batch size")
         check_batch_divisible(num_classes, mesh, "number of centers C")
     _warn_degenerate_sampling(sample_ratio, num_classes // num_shards, num_shards, labels.shape[1])
-    return sc.apply_sharded(body, (emb, centers, labels), (rng,))
+    return pfc.apply_sharded(body, (emb, centers, labels), (rng,))

@@ -1,6 +1,7 @@
-"""Two-tower (CLIP / ALIGN / SigLIP) model: an image tower, an optional text tower, and the
-learnable logit scale (and bias) the contrastive losses use. With `num_centers` (MLCD) the model
-also holds a class-center matrix, a training-only head that exports leave out."""
+"""Two-tower model (registered as 'two_tower'): an image tower, an optional text tower, and the
+learnable logit scale (and bias) the contrastive losses use. Everything here is exported;
+training-only parameters (class centers, classifiers) are the objectives' heads, never part of
+the model."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mlcd.models import MODELS
 from mlcd.models.text import TextTransformer, build_text
 from mlcd.models.vit import ViT, build_vit
 
@@ -18,8 +20,8 @@ Array = jax.Array
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
-_TRAINING_ONLY_KEYS = ("num_centers", "centers_init")
 _MODEL_KEYS = (
+    "name",
     "image",
     "text",
     "embed_dim",
@@ -27,20 +29,27 @@ _MODEL_KEYS = (
     "logit_bias_init",
     "max_logit_scale",
     "dtype",
-    *_TRAINING_ONLY_KEYS,
 )
 
 
 def l2_normalize(x: Array, eps: float = 1e-12) -> Array:
-    """x / max(||x||_2, eps) along the last axis (eps keeps the zero vector finite)."""
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+    """x / max(||x||_2, eps) along the last axis, with a finite gradient everywhere.
+
+    The norm is taken only where it exceeds eps (the double-where idiom): elsewhere the divisor
+    is the constant eps and the square root sees a dummy 1, so the gradient at the zero vector
+    is I / eps instead of the NaN that d||x|| / dx = x / ||x|| gives there. The values are
+    those of x / max(||x||, eps), bit for bit.
+    """
+    sq = jnp.sum(x * x, axis=-1, keepdims=True)
+    big = sq > eps * eps
+    norm = jnp.where(big, jnp.sqrt(jnp.where(big, sq, 1.0)), eps)
+    return x / norm
 
 
 class TwoTower(nnx.Module):
     """``image`` (ViT), ``text`` (TextTransformer or None), ``t`` (scalar, log of the logit
-    scale; absent when logit_scale_init is None), ``b`` (scalar logit bias, SigLIP; absent when
-    logit_bias_init is None) and ``centers`` (float32 [C, E] class centers, MLCD; absent when
-    num_centers is None)."""
+    scale; absent when logit_scale_init is None) and ``b`` (scalar logit bias, SigLIP; absent
+    when logit_bias_init is None)."""
 
     def __init__(
         self,
@@ -50,9 +59,6 @@ class TwoTower(nnx.Module):
         logit_scale_init: float | None,
         logit_bias_init: float | None = None,
         max_logit_scale: float = 100.0,
-        num_centers: int | None = None,
-        embed_dim: int | None = None,
-        rngs: nnx.Rngs | None = None,
     ):
         self.image = image
         self.text = text
@@ -63,13 +69,6 @@ class TwoTower(nnx.Module):
         self.has_scale = logit_scale_init is not None
         self.has_bias = logit_bias_init is not None
         self.max_logit_scale = max_logit_scale
-        if num_centers is not None:
-            # Rows of norm ~1 (std 1/sqrt(E)), the scale of spherical k-means centroids: the
-            # loss normalises them, but their norm sets how fast AdamW's steps turn them, so
-            # random and centroid initialisations train at the same effective rate.
-            init = nnx.initializers.normal(stddev=embed_dim**-0.5)
-            self.centers = nnx.Param(init(rngs.params(), (num_centers, embed_dim), jnp.float32))
-        self.has_centers = num_centers is not None
 
     def encode_image(self, images: Array) -> dict[str, Array]:
         """images float32 [B, R, R, 3] -> ViT output dict (see ViT.__call__)."""
@@ -84,7 +83,6 @@ class TwoTower(nnx.Module):
     def __call__(self, images: Array, tokens: Array | None = None) -> dict[str, Any]:
         """Returns {'zimg' [B, E], 'ztxt' [B, E] (with tokens), both L2-normalised float32;
         'logit_scale' = min(exp(t), max_logit_scale) and 'logit_bias' (if the model has them);
-        'centers' float32 [C, E] as stored, not normalised (if the model has them);
         'image' / 'text': the towers' output dicts}."""
         out: dict[str, Any] = {"image": self.encode_image(images)}
         out["zimg"] = l2_normalize(out["image"]["embedding"])
@@ -96,20 +94,17 @@ class TwoTower(nnx.Module):
             out["logit_scale"] = jnp.minimum(jnp.exp(self.t[...]), self.max_logit_scale)
         if self.has_bias:
             out["logit_bias"] = self.b[...]
-        if self.has_centers:
-            out["centers"] = self.centers[...]
         return out
 
 
-def build_model(model_cfg: Mapping[str, Any], *, rngs: nnx.Rngs) -> TwoTower:
+@MODELS.register("two_tower")
+def build_two_tower(model_cfg: Mapping[str, Any], *, rngs: nnx.Rngs) -> TwoTower:
     """TwoTower from a model config.
 
-    model_cfg keys: image (dict, see vit.build_vit), text (dict, see text.build_text, or None),
+    model_cfg keys: name ('two_tower'), image (dict, see vit.build_vit), text (dict, see text.build_text, or None),
     embed_dim, logit_scale_init (t, the log of the initial scale, or None for no scale: MLCD),
     logit_bias_init (None or float), max_logit_scale (default 100), dtype ('float32' |
-    'bfloat16': compute dtype; params are float32 either way), num_centers (None, or C: a
-    [C, E] class-center matrix), centers_init (path of a [C, E] .npy the trainer loads into
-    the centers, see mlcd.train.init_params; not read here).
+    'bfloat16': compute dtype; params are float32 either way).
     """
     cfg = dict(model_cfg)
     unknown = sorted(set(cfg) - set(_MODEL_KEYS))
@@ -136,14 +131,4 @@ def build_model(model_cfg: Mapping[str, Any], *, rngs: nnx.Rngs) -> TwoTower:
         logit_scale_init=cfg.get("logit_scale_init"),
         logit_bias_init=cfg.get("logit_bias_init"),
         max_logit_scale=cfg.get("max_logit_scale", 100.0),
-        num_centers=cfg.get("num_centers"),
-        embed_dim=embed_dim,
-        rngs=rngs,
     )
-
-
-def encoder_config(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """The model config of the exported encoder: `model_cfg` without the training-only class
-    centers (num_centers, centers_init), as a plain dict."""
-    cfg = model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg)
-    return {k: v for k, v in cfg.items() if k not in _TRAINING_ONLY_KEYS}

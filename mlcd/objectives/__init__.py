@@ -1,36 +1,24 @@
-"""Objectives: model outputs + batch -> (loss, metrics), picked by name from `config.objective`.
+"""Objectives: one module per training method, picked by name from `config.objective.name`.
 
-Each objective is a class registered with `@register("name")`, built as `cls(config.objective)`
-and called as `objective(outputs, batch, rng) -> (scalar loss, {metric name: scalar})` inside the
-jitted train step. The trainer only ever calls `get(config.objective.name)`; adding a method
-means adding a module here, never a branch in the trainer.
+A method subclasses `Objective` (mlcd/objectives/base.py: its inputs, training-only heads,
+forward pass and loss) and registers it with `@OBJECTIVES.register("name")`. Every module of
+this package is imported on the first lookup, so adding a method means adding a module here,
+never a branch (or an import line) in the trainer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+import ml_collections
 
-_REGISTRY: dict[str, type] = {}
+from mlcd.objectives.base import Head, Objective, head_key, normal_init, npy_init
+from mlcd.registry import Registry
 
-
-def register(name: str) -> Callable[[type], type]:
-    def wrap(cls: type) -> type:
-        if name in _REGISTRY:
-            raise ValueError(f"objective {name!r} registered twice")
-        _REGISTRY[name] = cls
-        return cls
-
-    return wrap
+OBJECTIVES = Registry("objective", autoload=("mlcd.objectives",))
 
 
-def get(name: str) -> Any:
-    """The objective class registered under `name` (config.objective.name)."""
-    if name not in _REGISTRY:
-        raise KeyError(
-            f"config.objective.name={name!r}: unknown objective; known: {sorted(_REGISTRY)}"
-        )
-    return _REGISTRY[name]
+def build(config: ml_collections.ConfigDict) -> Objective:
+    """The objective of a run: OBJECTIVES[config.objective.name](config)."""
+    return OBJECTIVES.get(config.objective.name, key="config.objective.name")(config)
 
 
-from mlcd.objectives import contrastive, mlcd  # noqa: E402,F401  (register their objectives)
+__all__ = ["OBJECTIVES", "Head", "Objective", "build", "head_key", "normal_init", "npy_init"]

@@ -5,6 +5,7 @@ object + one for the background), noisy short captions, entity ids, boxes linked
 probe labels. `build(data_dir, ...)` prepares it; `ZEROSHOT_TASKS` lists the zero-shot tasks.
 """
 
+from input_pipeline.datasets import DATASETS
 from input_pipeline.datasets.synthetic_scenes.builder import (
     ENTITIES_FILE,
     SPLITS,
@@ -29,6 +30,8 @@ from input_pipeline.datasets.synthetic_scenes.scenes import (
     SHAPES,
     SIZES,
 )
+
+DATASETS.register("synthetic_scenes")(build)
 
 __all__ = [
     "BACKGROUNDS",

@@ -185,7 +185,7 @@ class SyntheticScenes(tfds.core.GeneratorBasedBuilder):
         for key, names in scenes.PROBE_NAMES.items():
             features[key] = tfds.features.ClassLabel(names=names)
         # DatasetInfo(builder=self) rather than dataset_info_from_configs: the latter needs the
-        # builder to live in a package with metadata files (see notes/stack.md, section 5).
+        # builder to live in a package with tfds metadata files, which this one does not ship.
         return tfds.core.DatasetInfo(
             builder=self,
             description=__doc__,

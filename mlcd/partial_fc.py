@@ -1,19 +1,36 @@
-"""Partial-FC-style building blocks for losses over a class-center matrix no device holds whole.
+"""Partial-FC machinery: mesh helpers, sharded class-matrix blocks and the one sharded top-k.
 
-Layout (DESIGN.md, "Sharding conventions"): the centers `[C, D]` are sharded along C over ALL
-mesh axes, `PartitionSpec(mesh.axis_names)` on dim 0, so device k (the row-major linear index
-over the axes, `jax.lax.axis_index(axes)`) owns the contiguous global classes
-`[k * C_local, (k + 1) * C_local)`, `C_local = C / N`. Inside `jax.shard_map` each device
-all-gathers the features, computes its `[B, C_local]` (or sampled `[B, k]`) block of scores, and
-the per-row reductions below combine the blocks with collectives. No function here ever builds
-a `[B, C]` array or the full center matrix.
+Shared by the losses (mlcd.losses) and the clustering (mlcd.clustering); see
+docs/architecture.md, "Sharding".
 
-Every function takes `axes`: the tuple of mesh axis names to combine over when called inside
-`shard_map`, or None for a single program that holds all C classes (the unsharded reference
-path: the same code with the collectives left out and shard index 0). Row-wise results combined
-with psum / pmax come out device-invariant, as `shard_map(out_specs=P())` requires. A loss
-writes its per-device body once and runs it with `apply_sharded`, which picks the path the way
-the contrastive losses do: `jax.set_mesh` with more than one device -> shard_map, else plain.
+Mesh convention: code called under `jax.set_mesh(mesh)` with a mesh of more than one device runs
+sharded with `jax.shard_map`, every split array (the global batch, a chunk of data rows, the
+class centers) split along dim 0 over ALL mesh axes, i.e. dim 0 carries
+`PartitionSpec(mesh.axis_names)` (`mlcd.sharding.batch_spec`). Without such a mesh the same
+per-device code runs once as a plain single program (the unsharded reference path).
+
+Layout (Partial FC): the centers `[C, D]` are split along C over all N devices of the mesh, so
+device k owns the contiguous global classes `[k * C / N, (k + 1) * C / N)` (`C_local = C / N`
+rows). Inside `jax.shard_map` each device all-gathers the features (the batch is split too),
+computes its own `[B, C_local]` (or sampled `[B, k]`) block of scores, and per-row reductions
+(max, sum of exponentials, top-k, the score of a given class) are combined across the blocks
+with collectives (pmax, psum, all_gather, all_to_all). Nothing here ever builds a `[B, C]`
+array or the full center matrix, and the centers' gradient stays sharded.
+
+Ordering fact everything relies on: for the tuple of axes `axes`, the shard that `P(axes)` gives
+a device, its `jax.lax.axis_index(axes)`, and its block's position in
+`jax.lax.all_gather(x, axes, tiled=True)` (and the source index of an `all_to_all` over `axes`)
+are all the same row-major linear index over `axes` (the first axis is the major one). So device
+k's class block is the k-th block of a tiled all_gather, and gathering per-shard results in
+shard order lists the classes in increasing global id order. tests/test_contrastive_losses.py
+and tests/test_partial_fc.py check it on several mesh shapes.
+
+Every block below takes `axes`: the tuple of mesh axis names to combine over when called inside
+`shard_map`, or None for a single program that holds all C classes (the same code with the
+collectives left out and shard index 0). Row-wise results combined with psum / pmax come out
+device-invariant, as `shard_map(out_specs=P())` requires. A loss writes its per-device body
+once and runs it with `apply_sharded`, which picks the path: `jax.set_mesh` with more than one
+device -> shard_map, else plain.
 
 Shapes: B rows (the gathered global batch), C_local classes per shard, l ids per row with -1
 padding, k sampled columns per shard.
@@ -25,9 +42,9 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import AbstractMesh, AxisType
 from jax.sharding import PartitionSpec as P
 
-from mlcd.losses import _mesh
 from mlcd.sharding import batch_spec
 
 Axes = tuple[str, ...] | None
@@ -35,21 +52,53 @@ Axes = tuple[str, ...] | None
 _NORM_EPS = 1e-12
 
 
+# ----------------------------------------------------------------------------------------------
+# Mesh helpers.
+
+
+def batch_mesh() -> AbstractMesh | None:
+    """The mesh set by `jax.set_mesh` when it spans more than one device, else None.
+
+    Works eagerly and inside `jax.jit` (where only the abstract mesh is known).
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return None
+    return mesh
+
+
+def shard_batch(x: jax.Array, mesh: AbstractMesh) -> jax.Array:
+    """Puts dim 0 of `x` on `batch_spec(mesh)` where shard_map would not do it itself.
+
+    With Auto axes (the project's convention) shard_map reshards its inputs as needed. With
+    Explicit axes the sharding is part of the type and shard_map rejects a mismatch, so reshard.
+    """
+    if all(t == AxisType.Explicit for t in mesh.axis_types):
+        return jax.reshard(x, batch_spec(mesh))
+    return x
+
+
+def as_float32(x: jax.Array) -> jax.Array:
+    """x promoted to at least float32. Losses are computed in float32 (or wider): bf16 logits
+    lose the small differences that log-softmax / log-sigmoid of scaled cosines depend on."""
+    return jnp.asarray(x, jnp.promote_types(jnp.result_type(x), jnp.float32))
+
+
 def apply_sharded(fn: Callable, split: Sequence[jax.Array], replicated: Sequence = ()):
     """fn(*split, *replicated, axes=...) sharded on the context mesh, or unsharded without one.
 
     split: arrays whose dim 0 is divided over all mesh axes, the global batch [B, ...] and the
     centers [C, D] alike (their sizes must be divisible by the device count: check first, with
-    the loss's own error message). replicated: anything every device sees whole (PRNG keys,
+    the caller's own error message). replicated: anything every device sees whole (PRNG keys,
     scalars; None allowed). fn's outputs must be device-invariant (combined with psum / pmax):
     they are returned as is. Under a mesh of N > 1 devices fn runs in jax.shard_map over all
     axes with axes=mesh.axis_names; otherwise it is called once with axes=None.
     """
-    mesh = _mesh.batch_mesh()
+    mesh = batch_mesh()
     if mesh is None:
         return fn(*split, *replicated, axes=None)
     spec = batch_spec(mesh)
-    split = [_mesh.shard_batch(x, mesh) for x in split]
+    split = [shard_batch(x, mesh) for x in split]
     return jax.shard_map(
         functools.partial(fn, axes=mesh.axis_names),
         mesh=mesh,
@@ -61,6 +110,10 @@ def apply_sharded(fn: Callable, split: Sequence[jax.Array], replicated: Sequence
 def shard_index(axes: Axes) -> jax.Array | int:
     """This device's position along C (0 without axes)."""
     return 0 if axes is None else jax.lax.axis_index(axes)
+
+
+# ----------------------------------------------------------------------------------------------
+# Scores against this shard's rows.
 
 
 def inverse_norm(x: jax.Array) -> jax.Array:
@@ -200,12 +253,65 @@ def logsumexp(logits: jax.Array, mask: jax.Array, axes: Axes) -> jax.Array:
     return jnp.where(s > 0, m + jnp.log(jnp.where(s > 0, s, 1.0)), -jnp.inf)
 
 
-def top_k(scores: jax.Array, k: int, axes: Axes) -> tuple[jax.Array, jax.Array]:
+def merge_top_k(
+    values: jax.Array, ids: jax.Array, k: int, axes: Axes, *, split_rows: bool = False
+) -> tuple[jax.Array, jax.Array]:
+    """Global top-k of each row from every shard's candidates: (values [., k], ids [., k]).
+
+    The one sharded top-k merge, for use inside shard_map (the same (values, ids) order as
+    jax.lax.top_k). Each device passes the candidates of its own classes for ALL rows:
+    values [rows, k'] and GLOBAL ids int [rows, k'], the shard's candidates sorted descending
+    with equal values in increasing id order (what lax.top_k returns, plus the shard's offset;
+    k' = min(k, C_local) is enough). Every row keeps the k best of the N * k' candidates of all
+    shards (N * k' >= k). Communication is O(rows * N * k'), never O(rows * C).
+
+    split_rows=False: every device gets all rows, [rows, k], device-invariant (the candidates
+      are all-gathered along the candidate axis).
+    split_rows=True: device r gets its own block of rows, rows [r * rows / N, (r + 1) * rows /
+      N) as [rows / N, k] (the row-sharded layout, P(axes) on dim 0); an all_to_all sends row
+      block r's candidates to device r, so each device receives 1 / N of what the all-gather
+      moves. rows must be divisible by N.
+    axes None: one program holds every candidate; returns their top k.
+
+    Ties resolve to the lower global id in both modes, exactly like lax.top_k over the full
+    [rows, C] scores, provided the shards own increasing id ranges (the Partial-FC layout:
+    shard s holds [s * C_local, (s + 1) * C_local)). The all_gather (tiled) and the
+    all_to_all both lay the received candidates out in shard order (the ordering fact of the
+    module doc), so in a row's concatenated N * k' candidates every entry of shard s precedes
+    every entry of shard s + 1 and has a lower id, and within a shard equal values are in
+    increasing id order: among equal values, position order is id order. The final lax.top_k
+    keeps the lower position first among equal values, hence the lower id. Nothing is lost by
+    the local cut: an entry of the global top-k has fewer than k entries before it in the
+    global (value, id) order, hence fewer than k within its shard, so it is among the shard's
+    k' = min(k, C_local) best.
+    """
+    if axes is not None:
+        n = jax.lax.axis_size(axes)
+        kk = values.shape[1]
+        if split_rows:
+            # Row block r of every shard goes to device r; afterwards dim 0 is the source shard,
+            # in shard order.
+            values = jax.lax.all_to_all(values.reshape(n, -1, kk), axes, 0, 0)
+            ids = jax.lax.all_to_all(ids.reshape(n, -1, kk), axes, 0, 0)
+            rows = values.shape[1]
+            values = values.transpose(1, 0, 2).reshape(rows, n * kk)
+            ids = ids.transpose(1, 0, 2).reshape(rows, n * kk)
+        else:
+            values = jax.lax.all_gather(values, axes, axis=1, tiled=True, to="invarying")
+            ids = jax.lax.all_gather(ids, axes, axis=1, tiled=True, to="invarying")
+    values, pos = jax.lax.top_k(values, k)
+    return values, jnp.take_along_axis(ids, pos, axis=1)
+
+
+def top_k(
+    scores: jax.Array, k: int, axes: Axes, *, split_rows: bool = False
+) -> tuple[jax.Array, jax.Array]:
     """Per-row top k over every shard's columns: (values [B, k], global ids int32 [B, k]).
 
-    scores [B, C_local] (k <= C_local). Each shard keeps its local top k; the N * k candidates
-    are all-gathered (in shard order, so ties resolve to the lower global id like lax.top_k)
-    and reduced by a second top k. Communication O(B * N * k), never O(B * C).
+    scores [B, C_local] (k <= C_local), this shard's block. Each shard keeps its local top k,
+    offsets the indices to global ids and `merge_top_k` combines them (split_rows as there);
+    ties resolve to the lower global id, like lax.top_k over the full [B, C] scores.
+    Communication O(B * N * k), never O(B * C).
     """
     num_local = scores.shape[1]
     if k > num_local:
@@ -214,10 +320,7 @@ def top_k(scores: jax.Array, k: int, axes: Axes) -> tuple[jax.Array, jax.Array]:
     ids = (idx + shard_index(axes) * num_local).astype(jnp.int32)
     if axes is None:
         return values, ids
-    values = jax.lax.all_gather(values, axes, axis=1, tiled=True, to="invarying")
-    ids = jax.lax.all_gather(ids, axes, axis=1, tiled=True, to="invarying")
-    values, pos = jax.lax.top_k(values, k)
-    return values, jnp.take_along_axis(ids, pos, axis=1)
+    return merge_top_k(values, ids, k, axes, split_rows=split_rows)
 
 
 def softmax_cross_entropy(logits: jax.Array, ids: jax.Array, axes: Axes) -> jax.Array:

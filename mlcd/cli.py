@@ -1,0 +1,50 @@
+"""What the four command-line tools (python -m mlcd.train / evaluate / export / cluster) share:
+logging set-up, the persistent compilation cache, and one way of reporting bad input."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+import jax
+
+# Bad input (a config key, a path, a mesh, a batch size, an unknown name): each tool reports
+# these as one line naming the problem, with exit status 2.
+USER_ERRORS = (KeyError, ValueError, FileNotFoundError)
+
+
+def setup_logging(*loggers: str) -> None:
+    """WARNING by default, INFO for the named loggers, absl (tfds chatter) quiet."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for name in loggers:
+        logging.getLogger(name).setLevel(logging.INFO)
+    # tfds/absl chatter (custom-config notices, the OpenCV hint) is not news to a user.
+    logging.getLogger("absl").setLevel(logging.ERROR)
+
+
+def enable_compilation_cache() -> None:
+    """Persistent XLA cache (default ~/.cache/mlcd/jax, or $JAX_COMPILATION_CACHE_DIR): a
+    re-run or a resumed run skips the seconds-long compiles of the step and the towers.
+
+    Called by the tools' `if __name__ == '__main__'` blocks, not by their main(): the cache is
+    process-wide state that a caller (a test) owns."""
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        cache = os.path.join(os.path.expanduser("~"), ".cache", "mlcd", "jax")
+        jax.config.update("jax_compilation_cache_dir", cache)
+    if not os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"):
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def run(body: Callable[[], None]) -> int:
+    """Runs a tool's body: 0 when it returns, 2 with one 'error: ...' line on stderr for bad
+    input (USER_ERRORS). MLCD_TRACEBACK=1 re-raises instead, to show where it was raised."""
+    try:
+        body()
+    except USER_ERRORS as e:
+        if os.environ.get("MLCD_TRACEBACK"):
+            raise
+        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,189 @@
+"""Reading training runs and exports (never writing them): their configs, the encoder's
+parameters, and `Encoder`s over either. Shared by the evaluate, export and cluster CLIs.
+
+An export (written by python -m mlcd.export) is self-contained:
+    DIR/export.json     format, model config, preprocessing spec, data spec, source step
+    DIR/params/         the model's parameters (orbax, restorable on any device layout)
+    DIR/tokenizer.*     the text tokenizer, for two-tower models
+A run directory (python -m mlcd.train) holds config.json (resolved: every tower setting
+written out) and checkpoints/ of the whole train state; only the model's parameters are read
+from it here, never the heads (training-only), optimizer state, step or rng.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from input_pipeline.tokenizers import load_tokenizer
+from mlcd import models, sharding, tree_utils
+from mlcd.checkpoint import Checkpointer
+from mlcd.encoder import Encoder
+
+FORMAT = "mlcd-encoder/1"
+EXPORT_FILE = "export.json"
+PARAMS_DIR = "params"
+# Keys that config.json of MLCD runs written before the objectives owned their heads kept
+# under config.model (the class centers); they are not part of the model, so readers drop them.
+_LEGACY_HEAD_KEYS = ("num_centers", "centers_init")
+
+
+def replicated(tree: Any, mesh) -> Any:
+    """ShapeDtypeStructs of `tree` replicated over `mesh`."""
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, P())), tree
+    )
+
+
+def _local_mesh():
+    return sharding.make_mesh((("data", -1),))
+
+
+def check_shapes(expected: Any, found: Any, what: str) -> None:
+    """Raises naming the first parameter whose saved shape differs from the model's."""
+    flat = lambda tree: {
+        tree_utils.path_str(p): tuple(x.shape)
+        for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
+    exp, got = flat(expected), flat(found)
+    for name in sorted(set(exp) | set(got)):
+        if exp.get(name) != got.get(name):
+            raise ValueError(
+                f"{what} does not match the model: parameter {name!r} is "
+                f"{got.get(name, 'missing')} on disk, {exp.get(name, 'absent')} in the model "
+                "(a checkpoint from a different model size?)"
+            )
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+    """The run's config.json (as the trainer resolved it)."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{workdir} is not a training run: {path} is missing")
+    with open(path) as f:
+        config = json.load(f)
+    for key in _LEGACY_HEAD_KEYS:
+        config["model"].pop(key, None)
+    return ml_collections.ConfigDict(config)
+
+
+def restore_run_params(workdir: str, step: int | None = None):
+    """(config, graphdef, params, step) of a training run's checkpoint at `step` (default: the
+    latest): the model's parameters, replicated over this process's devices (whatever mesh
+    the run was trained on). Reads only.
+
+    Only the model's parameters are read (Checkpointer.restore_subtree, an orbax partial
+    restore). Restoring the whole train state replicated would put on every device, for an
+    MLCD run at paper scale, the [1,048,576, 768] float32 centers and their two AdamW moments
+    (3 x 3.2 GB) plus the towers' moments, only to read the image tower.
+    """
+    config = load_run_config(workdir)
+    graphdef, abstract_params = models.abstract_model(config.model)
+    ckpt = Checkpointer(workdir, read_only=True)
+    steps = ckpt.all_steps()
+    if not steps:
+        raise FileNotFoundError(f"no complete checkpoint in {ckpt.directory}")
+    step = max(steps) if step is None else step
+    if step not in steps:
+        raise ValueError(f"--step {step}: no checkpoint at that step in {workdir} (have {steps})")
+    target = {"params": replicated(abstract_params, _local_mesh())}
+    return config, graphdef, ckpt.restore_subtree(step, target)["params"], step
+
+
+def init_run_params(workdir: str) -> tuple[ml_collections.ConfigDict, Any]:
+    """(config, params): the model's parameters freshly initialised from the run's model
+    config and config.seed, equal to the trainer's step-0 model parameters (models.init_params;
+    the values do not depend on the mesh), replicated over this process's devices."""
+    config = load_run_config(workdir)
+    _, abstract_params = models.abstract_model(config.model)
+    mesh = _local_mesh()
+    shardings = jax.tree.map(lambda _: NamedSharding(mesh, P()), abstract_params)
+    with jax.set_mesh(mesh):
+        params = models.init_params(config.model, int(config.seed), shardings)
+    return config, params
+
+
+def read_export_meta(export_dir: str) -> dict[str, Any]:
+    """export.json of a complete export, or an error naming what is missing."""
+    for name in (EXPORT_FILE, PARAMS_DIR):
+        if not os.path.exists(os.path.join(export_dir, name)):
+            raise FileNotFoundError(
+                f"{export_dir} is not a complete mlcd export: {name} is missing"
+            )
+    with open(os.path.join(export_dir, EXPORT_FILE)) as f:
+        meta = json.load(f)
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{export_dir}/{EXPORT_FILE}: format {meta.get('format')!r} != {FORMAT}")
+    if meta.get("tokenizer") and not os.path.exists(os.path.join(export_dir, meta["tokenizer"])):
+        raise FileNotFoundError(f"{export_dir} is incomplete: {meta['tokenizer']} is missing")
+    return meta
+
+
+def load_encoder(export_dir: str, batch_size: int = 256) -> Encoder:
+    """The exported encoder, parameters replicated over this process's devices.
+
+    enc.image_size; enc.embed_images(uint8 NHWC at any resolution) -> {'embedding',
+    'pre_logits', 'patch_tokens', ...}; enc.embed_texts(list[str]) -> {'embedding'} (two-tower).
+    """
+    meta = read_export_meta(export_dir)
+    graphdef, abstract_params = models.abstract_model(ml_collections.ConfigDict(meta["model"]))
+    params_dir = os.path.join(os.path.abspath(export_dir), PARAMS_DIR)
+    mesh = _local_mesh()
+    with ocp.StandardCheckpointer() as checkpointer:
+        metadata = checkpointer.metadata(params_dir).item_metadata
+        check_shapes(abstract_params, metadata, params_dir)
+        params = checkpointer.restore(params_dir, replicated(abstract_params, mesh))
+    tokenizer = (
+        load_tokenizer(os.path.join(export_dir, meta["tokenizer"])) if meta["tokenizer"] else None
+    )
+    return Encoder(
+        graphdef,
+        params,
+        image_size=meta["preprocess"]["image_size"],
+        tokenizer=tokenizer,
+        context_length=meta["preprocess"]["context_length"],
+        mesh=mesh,
+        batch_size=batch_size,
+    )
+
+
+def encoder_from_run(
+    workdir: str, step: int | None = None, batch_size: int = 256
+) -> tuple[Encoder, dict[str, Any]]:
+    """(Encoder over a run's checkpoint, spec {'data', 'evals', 'step'}); see restore_run_params."""
+    config, graphdef, params, step = restore_run_params(workdir, step)
+    tokenizer = load_tokenizer(config.tokenizer) if config.model.get("text") else None
+    encoder = Encoder(
+        graphdef,
+        params,
+        image_size=config.pp.image_size,
+        tokenizer=tokenizer,
+        context_length=config.pp.context_length,
+        mesh=_local_mesh(),
+        batch_size=batch_size,
+    )
+    return encoder, {"data": config.data.to_dict(), "evals": config.evals.to_dict(), "step": step}
+
+
+def load_model(
+    checkpoint: str | None = None,
+    workdir: str | None = None,
+    step: int | None = None,
+    batch_size: int = 256,
+) -> tuple[Encoder, dict[str, Any]]:
+    """(encoder, spec) of an export directory (`checkpoint`) or a training run (`workdir`, at
+    checkpoint `step`, default the latest); exactly one of the two. spec = {'data': the
+    dataset it was trained on, 'evals': its config.evals, 'step': the checkpoint step}.
+    `batch_size`: images / texts per jitted call of the encoder."""
+    if (checkpoint is None) == (workdir is None):
+        raise ValueError("give exactly one of an export directory or a training workdir")
+    if checkpoint is not None:
+        return load_encoder(checkpoint, batch_size), read_export_meta(checkpoint)
+    return encoder_from_run(workdir, step, batch_size)
