@@ -54,8 +54,10 @@ class Checkpointer:
         """Restores onto `target`: a tree of jax.ShapeDtypeStruct with concrete shardings.
 
         Passing the target (never relying on saved shardings) is what lets a run resume on a
-        different mesh or device count.
+        different mesh or device count. A checkpoint whose arrays differ from the target's
+        (another model or objective) is refused first, naming the differing arrays.
         """
+        self._check_matches(step, target)
         restored = self._manager.restore(
             step,
             args=ocp.args.Composite(
@@ -93,6 +95,32 @@ class Checkpointer:
                     "(a checkpoint from a different model?)"
                 )
         return restored
+
+    def _check_matches(self, step: int, target: dict[str, Any]) -> None:
+        """ValueError naming the first arrays that differ in path or shape between checkpoint
+        `step` and `target` (orbax would report the whole tree, or restore mismatched shapes)."""
+        saved = ocp.StandardCheckpointer().metadata(
+            os.path.join(self.directory, str(step), "state")
+        )
+        shapes = lambda tree: {
+            tree_utils.path_str(p): tuple(x.shape)
+            for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+        }
+        on_disk, here = shapes(saved.item_metadata), shapes(target)
+        diff = [
+            f"{k}: {on_disk.get(k, 'absent')} on disk, {here.get(k, 'absent')} in this run"
+            # Parameters first: they say more than their optimizer moments.
+            for k in sorted(set(on_disk) | set(here), key=lambda k: (k[:7] != "params/", k))
+            if on_disk.get(k) != here.get(k)
+        ]
+        if diff:
+            raise ValueError(
+                f"checkpoint {step} in {self.directory} was written for another train state "
+                f"({len(diff)} arrays differ; {'; '.join(diff[:3])}). Resume with the config "
+                "(model, objective) that wrote it, or train in a new workdir. (Before the "
+                "objectives owned their heads, MLCD runs kept their centers at params/centers; "
+                "export and evaluate still read such runs.)"
+            )
 
     def wait(self) -> None:
         self._manager.wait_until_finished()

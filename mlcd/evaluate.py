@@ -77,6 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data_dir", default=None, help="dataset directory (default: the run's)")
     parser.add_argument("--out", default=None, help="JSON file for the flat metrics")
     args = parser.parse_args(argv)
+    cli.setup_logging()
 
     def body():
         encoder, spec = runs.load_model(args.checkpoint, args.workdir, args.step)

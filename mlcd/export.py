@@ -95,6 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "the run's config.json",
     )
     args = parser.parse_args(argv)
+    cli.setup_logging()
 
     def body():
         out = export(args.workdir, args.out, args.step, random_init=args.random_init)

@@ -134,6 +134,24 @@ def test_save_restore_is_bit_identical(run):
     ckpt.close()
 
 
+def test_restore_of_another_train_state_names_the_arrays(run):
+    """A checkpoint of another model (a parameter renamed, one of another shape) is refused
+    before anything is read, naming the parameters, not with orbax's whole-tree dump."""
+    workdir, shardings = run
+    ckpt = Checkpointer(workdir, keep=2)
+    target = abstract_like(_place(_host_state(3), shardings), shardings)
+    target["params"]["w2"] = target["params"].pop("w")
+    target["params"]["b"] = jax.ShapeDtypeStruct((9,), jnp.float32, sharding=shardings["step"])
+    message = (
+        r"checkpoint 3 in .*checkpoints was written for another train state \(3 arrays differ; "
+        r"params/b: \(8,\) on disk, \(9,\) in this run; params/w: \(16, 8\) on disk, absent "
+        r"in this run; params/w2: absent on disk, \(16, 8\) in this run\)"
+    )
+    with pytest.raises(ValueError, match=message):
+        ckpt.restore(3, target)
+    ckpt.close()
+
+
 def test_restore_onto_other_meshes(run, tmp_path):
     """8 devices -> (4, 2) mesh with 2-D shardings -> saved from there -> one device."""
     workdir, _ = run

@@ -397,10 +397,15 @@ def test_l2_normalize_values_and_finite_gradient_at_zero():
     # The values of x / max(||x||, eps), bit for bit, compiled as the model compiles them.
     want = jax.jit(lambda x: x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12))
     np.testing.assert_array_equal(np.asarray(jax.jit(l2_normalize)(x)), np.asarray(want(x)))
-    zero = jnp.zeros((2, 8))
-    np.testing.assert_array_equal(np.asarray(l2_normalize(zero)), 0.0)
-    grad = jax.grad(lambda v: jnp.sum(l2_normalize(v) * jnp.arange(8.0)))(zero)
-    assert np.all(np.isfinite(np.asarray(grad)))
+    # ... and of their gradients (the trainer's results depend on them, to the last bit).
+    old = lambda v: want(v)[0] @ jnp.arange(16.0)
+    new = lambda v: jax.jit(l2_normalize)(v)[0] @ jnp.arange(16.0)
+    np.testing.assert_array_equal(np.asarray(jax.grad(new)(x)), np.asarray(jax.grad(old)(x)))
+    for tiny in (0.0, 1e-30):  # the zero vector, and one whose squares underflow
+        v = jnp.full((2, 8), tiny)
+        np.testing.assert_array_less(np.abs(np.asarray(l2_normalize(v))), 1e-12)
+        grad = jax.grad(lambda v: jnp.sum(l2_normalize(v) * jnp.arange(8.0)))(v)
+        assert np.all(np.isfinite(np.asarray(grad))), tiny
     # Away from zero the gradient is the projection (I - u u^T) / ||x||.
     v = jnp.arange(1.0, 9.0)
     u = v / jnp.linalg.norm(v)

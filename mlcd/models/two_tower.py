@@ -35,15 +35,15 @@ _MODEL_KEYS = (
 def l2_normalize(x: Array, eps: float = 1e-12) -> Array:
     """x / max(||x||_2, eps) along the last axis, with a finite gradient everywhere.
 
-    The norm is taken only where it exceeds eps (the double-where idiom): elsewhere the divisor
-    is the constant eps and the square root sees a dummy 1, so the gradient at the zero vector
-    is I / eps instead of the NaN that d||x|| / dx = x / ||x|| gives there. The values are
-    those of x / max(||x||, eps), bit for bit.
+    d||x|| / dx = x / ||x|| is 0/0 at the zero vector (and sqrt'(0) is infinite wherever the
+    squares underflow), which made the gradient NaN there. Rows whose squared norm is 0 are
+    replaced by ones inside the norm only: they still map to 0, and their gradient is finite.
+    Every other row gets exactly the values and gradients of x / max(||x||, eps): the norm is
+    still jnp.linalg.norm, so XLA compiles the same arithmetic.
     """
-    sq = jnp.sum(x * x, axis=-1, keepdims=True)
-    big = sq > eps * eps
-    norm = jnp.where(big, jnp.sqrt(jnp.where(big, sq, 1.0)), eps)
-    return x / norm
+    nonzero = jnp.sum(x * x, axis=-1, keepdims=True) > 0
+    norm = jnp.linalg.norm(jnp.where(nonzero, x, 1.0), axis=-1, keepdims=True)
+    return x / jnp.maximum(norm, eps)
 
 
 class TwoTower(nnx.Module):
