@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import difflib
 import importlib.util
+import json
 import math
 import os
 from collections.abc import Sequence
@@ -99,6 +100,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.log_every = 10
     c.ckpt_every = 200
     c.keep_ckpts = 2
+    # Divergence guard: a step whose loss, gradients or updated parameters are not finite
+    # leaves the state unchanged (counted as train/nonfinite), so no checkpoint is ever
+    # non-finite; after max_consecutive such steps in a row the run stops, naming the first
+    # (1: stop at the first one; 0: never stop, only skip and count).
+    c.nonfinite = ml_collections.ConfigDict({"max_consecutive": 10})
     # Periodic evaluation every N steps; an evaluator's own `every` overrides it: 0 = after the
     # last step only, < 0 = never.
     c.eval_every = 500
@@ -124,6 +130,27 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     if not hasattr(module, "get_config"):
         raise ValueError(f"--config: {path} defines no get_config(preset)")
     return module.get_config(preset or None)
+
+
+def changed_keys(
+    before: dict[str, Any], now: ml_collections.ConfigDict, ignore: Sequence[str] = ()
+) -> list[tuple[str, Any, Any]]:
+    """(key, stored value, new value) of every dotted key whose value differs between a stored
+    config (the JSON of `config.to_json()`, as a dict) and `now`, skipping keys equal to or
+    under an entry of `ignore` (e.g. 'evals' ignores every 'evals.*'). Sorted by key."""
+    flat = lambda d, prefix="": {
+        k2: v2
+        for k, v in d.items()
+        for k2, v2 in (flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v}).items()
+    }
+    # A JSON round trip makes tuples lists, as in the stored file.
+    old, new = flat(before), flat(json.loads(now.to_json()))
+    skip = lambda k: any(k == p or k.startswith(p + ".") for p in ignore)
+    return [
+        (k, old.get(k), new.get(k))
+        for k in sorted(set(old) | set(new))
+        if old.get(k) != new.get(k) and not skip(k)
+    ]
 
 
 def _all_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:

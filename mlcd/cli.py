@@ -10,9 +10,10 @@ from collections.abc import Callable
 
 import jax
 
-# Bad input (a config key, a path, a mesh, a batch size, an unknown name): each tool reports
-# these as one line naming the problem, with exit status 2.
-USER_ERRORS = (KeyError, ValueError, FileNotFoundError)
+# Bad input (a config key, a path, a mesh, a batch size, an unknown name) and file-system
+# refusals (a workdir that is a file, no permission): each tool reports these as one line
+# naming the problem, with exit status 2.
+USER_ERRORS = (KeyError, ValueError, OSError)
 
 
 def setup_logging(*loggers: str) -> None:
@@ -45,6 +46,9 @@ def run(body: Callable[[], None]) -> int:
     except USER_ERRORS as e:
         if os.environ.get("MLCD_TRACEBACK"):
             raise
-        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
+        # str() of an OSError names the path ('[Errno 20] Not a directory: ...'), its args[0]
+        # is only the errno; str() of a KeyError would quote the message.
+        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"error: {message}", file=sys.stderr)
         return 2
     return 0

@@ -92,29 +92,19 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         )
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
-    return out
-
-
 def prepare_out_dir(out_dir: str, config: ml_collections.ConfigDict) -> None:
     """Creates out_dir with cluster_config.json, or checks that a resumed run has the same
     config (up to RUNTIME_KEYS); removes temporary files of a crashed run."""
     path = os.path.join(out_dir, store.CONFIG_FILE)
-    # A JSON round trip makes tuples lists, as in the stored file.
-    now = json.loads(config.to_json())
     if os.path.exists(path):
         with open(path) as f:
-            before = _flat(json.load(f))
-        flat_now = _flat(now)
-        for key in sorted(set(before) | set(flat_now)):
-            if key not in RUNTIME_KEYS and before.get(key) != flat_now.get(key):
-                raise ValueError(
-                    f"config.{key}={flat_now.get(key)!r} differs from {before.get(key)!r} in "
-                    f"{path}: resume with the same config, or use a new config.out_dir"
-                )
+            changed = config_lib.changed_keys(json.load(f), config, RUNTIME_KEYS)
+        if changed:
+            key, before, now = changed[0]
+            raise ValueError(
+                f"config.{key}={now!r} differs from {before!r} in {path}: resume with the "
+                "same config, or use a new config.out_dir"
+            )
     elif os.path.isdir(out_dir) and os.listdir(out_dir):
         raise ValueError(
             f"config.out_dir={out_dir} is not empty and has no {store.CONFIG_FILE}: "
@@ -122,7 +112,7 @@ def prepare_out_dir(out_dir: str, config: ml_collections.ConfigDict) -> None:
         )
     else:
         os.makedirs(out_dir, exist_ok=True)
-        label_store.save_json(path, now)
+        label_store.save_json(path, json.loads(config.to_json()))
     for sub in (store.EMBEDDINGS_DIR, store.ASSIGN_DIR):
         os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
     store.remove_stale_temporaries(out_dir)

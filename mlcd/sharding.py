@@ -24,6 +24,11 @@ from mlcd import tree_utils
 def make_mesh(axes: Sequence[tuple[str, int]], devices: Sequence[Any] | None = None) -> Mesh:
     """Mesh over `devices` (default: all) with the given (name, size) axes; one size may be -1."""
     devices = list(jax.devices() if devices is None else devices)
+    if not all(isinstance(a, tuple | list) and len(a) == 2 for a in axes):
+        raise ValueError(
+            f"config.mesh={tuple(axes)}: each entry must be a (name, size) pair, e.g. "
+            "(('data', -1), ('model', 1))"
+        )
     names = tuple(name for name, _ in axes)
     sizes = [int(size) for _, size in axes]
     if sizes.count(-1) > 1:

@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import ml_collections
@@ -41,6 +45,42 @@ from mlcd.train_step import build_train_step
 # would count dispatches rather than finished steps, and batches would queue up in memory.
 MAX_STEPS_AHEAD = 2
 
+# Config keys that may change when a run resumes: they change how a run is logged, evaluated,
+# checkpointed or laid out (a new mesh or device count changes only float rounding), not what
+# it computes. Any other change is refused unless --allow_config_change names it.
+RESUMABLE_CHANGES = (
+    "log_every",
+    "ckpt_every",
+    "keep_ckpts",
+    "eval_every",
+    "evals",
+    "mesh",
+    "distributed",
+    "nonfinite",
+    "data.num_threads",
+    "data.prefetch",
+    "data.data_dir",
+    "tokenizer",
+)
+
+# Exit status after a preemption signal (SIGTERM) once the state is checkpointed: 128 + 15,
+# what a process ended by SIGTERM reports, so a scheduler set to requeue preempted jobs on it
+# (Kubernetes podFailurePolicy onExitCodes, a SLURM requeue script) requeues the run, which
+# then resumes from that checkpoint.
+PREEMPTED_EXIT = 143
+
+
+class Preempted(Exception):
+    """SIGTERM arrived; the state of `step` is checkpointed and the run can be resumed."""
+
+    def __init__(self, step: int):
+        super().__init__(f"preempted (SIGTERM) at step {step}: checkpoint saved")
+        self.step = step
+
+
+class Diverged(ValueError):
+    """config.nonfinite.max_consecutive non-finite steps in a row."""
+
 
 def run_evaluators(evals, encoder: Encoder, step: int, final: bool) -> dict[str, float]:
     """Runs the evaluators due at `step` ({name: (evaluator, every)}; all of them if final)."""
@@ -54,6 +94,35 @@ def run_evaluators(evals, encoder: Encoder, step: int, final: bool) -> dict[str,
     return results
 
 
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """ValueError naming the first invalid loop setting, before anything is built."""
+    for key in ("total_steps", "log_every", "ckpt_every", "batch_size", "microbatches"):
+        if not isinstance(config[key], int) or config[key] < 1:
+            raise ValueError(f"config.{key}={config[key]!r} must be a positive integer")
+    if (
+        not isinstance(config.nonfinite.max_consecutive, int)
+        or config.nonfinite.max_consecutive < 0
+    ):
+        raise ValueError(
+            f"config.nonfinite.max_consecutive={config.nonfinite.max_consecutive!r} must be an "
+            "integer >= 0 (0: never stop)"
+        )
+
+
+def check_resume_config(path: str, config: ml_collections.ConfigDict, allowed=()) -> None:
+    """Refuses to resume a run whose config.json (`path`) differs from `config` in a key that
+    changes results (anything but RESUMABLE_CHANGES and the `allowed` keys), naming them."""
+    with open(path) as f:
+        changed = config_lib.changed_keys(json.load(f), config, (*RESUMABLE_CHANGES, *allowed))
+    if changed:
+        listed = "; ".join(f"config.{k}={new!r} (was {old!r})" for k, old, new in changed[:5])
+        raise ValueError(
+            f"{os.path.dirname(path)} was trained with another config: {listed}. Resume with "
+            "the run's own config, train in a new --workdir, or, if the change is safe, allow "
+            f"it with --allow_config_change={','.join(k for k, _, _ in changed)}"
+        )
+
+
 def initialize_distributed(cfg: ml_collections.ConfigDict) -> None:
     """jax.distributed.initialize with the fields of config.distributed that are set."""
     if jax.config.jax_platforms in (None, "", "cpu") and cfg.coordinator_address:
@@ -63,8 +132,16 @@ def initialize_distributed(cfg: ml_collections.ConfigDict) -> None:
     jax.distributed.initialize(**kwargs)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Trains (resuming from workdir if it holds a checkpoint), evaluates, returns final metrics."""
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, allow_config_change: tuple[str, ...] = ()
+) -> dict[str, float]:
+    """Trains (resuming from workdir if it holds a checkpoint), evaluates, returns final metrics.
+
+    A resumed run must have the config it was started with (check_resume_config; keys in
+    `allow_config_change` may differ). Raises Preempted after SIGTERM (the state checkpointed)
+    and Diverged after config.nonfinite.max_consecutive non-finite steps in a row.
+    """
+    check_config(config)
     # ---- Distributed set-up and mesh ------------------------------------------------------
     if config.distributed.enabled:
         initialize_distributed(config.distributed)
@@ -105,8 +182,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # ---- Objective, model and train step (compiled on its first call) ------------------------
     built = build_train_step(config, mesh)
     shardings, train_step = built.shardings, built.step
+    # config.json describes the checkpoints: a resume must match it, and it is written only
+    # once that is checked (a refused resume leaves the run untouched).
+    ckpt = Checkpointer(workdir, keep=config.keep_ckpts)
+    config_path = os.path.join(workdir, "config.json")
+    if ckpt.latest_step() is not None and os.path.exists(config_path):
+        check_resume_config(config_path, config, allow_config_change)
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
+        with open(config_path, "w") as f:
             f.write(config.to_json(indent=2))
     train_iter = TrainIterator(
         builder,
@@ -122,13 +205,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     with jax.set_mesh(mesh):
         state = train_state.init_state(config, built.objective, built.tx, shardings)
     num_params = sum(x.size for x in jax.tree.leaves(train_state.model_params(state["params"])))
-    ckpt = Checkpointer(workdir, keep=config.keep_ckpts)
     resume_step = ckpt.latest_step()
+    # Per-step metrics since the last log record: checkpointed with the data position, so the
+    # first record after a resume averages the same steps as the uninterrupted run's.
+    log_metrics: list[dict[str, Any]] = []
     if resume_step is not None:
         state, data_state = ckpt.restore(resume_step, abstract_like(state, shardings))
-        train_iter.set_state(data_state)
+        # Checkpoints written before the metrics were saved hold the iterator state alone.
+        train_iter.set_state(data_state.get("iterator", data_state))
+        log_metrics = [
+            {k: np.float32(v) for k, v in m.items()} for m in data_state.get("pending_metrics", [])
+        ]
         logging.info("resumed from step %d", resume_step)
     writer = MetricWriter(workdir, resume_step=resume_step)
+
+    def save(step: int) -> None:
+        pending = [{k: float(v) for k, v in m.items()} for m in jax.device_get(log_metrics)]
+        data_state = {"iterator": train_iter.get_state(), "pending_metrics": pending}
+        ckpt.save(step, state, data_state)
 
     # ---- Evaluators ---------------------------------------------------------------------------
     evals = {}
@@ -156,7 +250,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # ---- Loop ---------------------------------------------------------------------------------
     step = int(resume_step or 0)
     total = int(config.total_steps)
-    log_metrics: list[dict[str, jax.Array]] = []
+    nonfinite_run: list[int] = []  # steps of the current streak of non-finite steps
     in_flight: collections.deque[jax.Array] = collections.deque()  # losses of unfinished steps
     images_seen, t_log = 0, time.perf_counter()
     bar = tqdm(
@@ -175,6 +269,41 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             in_flight.popleft().block_until_ready()
             bar.update(1)
 
+    def check_finite(steps_metrics: list[dict[str, Any]], last_step: int) -> None:
+        """Follows the streak of non-finite steps; Diverged when it reaches the limit."""
+        limit = config.nonfinite.max_consecutive
+        first = last_step - len(steps_metrics) + 1
+        for i, m in enumerate(steps_metrics):
+            if m["train/nonfinite"] > 0:
+                nonfinite_run.append(first + i)
+            else:
+                nonfinite_run.clear()
+            if limit and len(nonfinite_run) >= limit:
+                raise Diverged(
+                    f"training diverged: the loss, gradients or updated parameters were not "
+                    f"finite at {limit} steps in a row from step {nonfinite_run[0]} "
+                    f"(config.nonfinite.max_consecutive={limit}); these steps left the state "
+                    f"unchanged and every checkpoint in {ckpt.directory} is finite. Lower "
+                    "config.optim.lr (or raise optim.warmup_steps / lower grad_clip_norm) and "
+                    "resume from the last checkpoint"
+                )
+
+    # SIGTERM (preemption on TPU/GKE/SLURM): finish the current step, checkpoint it, exit with
+    # PREEMPTED_EXIT. Hosts agree on the step: each host's flag is combined at log steps.
+    preempt = {"requested": False}
+    on_term = lambda signum, frame: preempt.update(requested=True)
+    # Signal handlers can only be set from the main thread (a library caller may be another).
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous_handler = signal.signal(signal.SIGTERM, on_term) if in_main_thread else None
+
+    def preempted() -> bool:
+        if jax.process_count() == 1:
+            return preempt["requested"]
+        if step % config.log_every:
+            return False
+        flags = multihost_utils.process_allgather(np.int32(preempt["requested"]))
+        return bool(np.max(flags))
+
     # Order within a step: log, evaluate, then checkpoint. Everything metrics.jsonl holds up to
     # a checkpoint's step is then complete, so a resumed run (which drops later records) logs
     # exactly what an uninterrupted run would. The last checkpoint follows the final evaluation.
@@ -190,12 +319,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 finish_steps(MAX_STEPS_AHEAD)
                 if step % config.log_every == 0 or step == total:
                     # Fetching metrics syncs with the device: do it only at log time.
-                    means = jax.tree.map(lambda *v: float(np.mean(v)), *jax.device_get(log_metrics))
+                    fetched = jax.device_get(log_metrics)
+                    means = jax.tree.map(lambda *v: float(np.mean(v)), *fetched)
                     finish_steps(0)
                     elapsed = time.perf_counter() - t_log
                     means["train/images_per_sec"] = images_seen / max(elapsed, 1e-9)
                     means["data/skipped_examples"] = train_iter.skipped
                     writer.write(step, means)
+                    check_finite(fetched, step)
                     bar.set_postfix(
                         loss=f"{means['train/loss']:.4f}",
                         img_s=f"{means['train/images_per_sec']:.0f}",
@@ -208,7 +339,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         writer.write(step, results)
                         t_log = time.perf_counter()  # evaluation is not training throughput
                     if step % config.ckpt_every == 0:
-                        ckpt.save(step, state, train_iter.get_state())
+                        save(step)
+                    if preempted():
+                        if step % config.ckpt_every:
+                            save(step)
+                        raise Preempted(step)
             finish_steps(0)
             bar.close()
 
@@ -225,8 +360,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 encoder.params = train_state.model_params(state["params"])
                 final = run_evaluators(evals, encoder, step, final=True)
                 writer.write(step, final)
-                ckpt.save(step, state, train_iter.get_state())
+                save(step)
     finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous_handler)
+        bar.close()
         ckpt.close()  # waits for pending asynchronous saves
         writer.close()
     if jax.process_index() == 0:
@@ -254,27 +392,40 @@ def format_report(metrics: dict[str, float], workdir: str, png: str, num_params:
     return "\n".join(lines)
 
 
-def parse_args(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, str]:
+def parse_args(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, str, tuple[str, ...]]:
     parser = argparse.ArgumentParser(
         prog="python -m mlcd.train",
         description="Train from a config: --config FILE.py:PRESET --workdir DIR [--config.key=v]",
     )
     parser.add_argument("--config", required=True, help="path/to/config.py[:preset]")
     parser.add_argument("--workdir", required=True, help="run directory (resumed if it exists)")
+    parser.add_argument(
+        "--allow_config_change",
+        default="",
+        help="comma-separated config keys (or sections, e.g. optim) a resumed run may change; "
+        "by default a resume with another value for anything that changes results is refused",
+    )
     args, overrides = parser.parse_known_args(argv)
     config = config_lib.load_config(args.config)
     config_lib.parse_overrides(config, overrides)
-    return config, args.workdir
+    allowed = tuple(k.strip().removeprefix("config.") for k in args.allow_config_change.split(","))
+    return config, args.workdir, tuple(k for k in allowed if k)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Exit status: 0 done, 2 bad input (one line on stderr), PREEMPTED_EXIT after SIGTERM
+    (checkpointed: re-run the same command to resume)."""
     cli.setup_logging(__name__)
 
     def body() -> None:
-        config, workdir = parse_args(sys.argv[1:] if argv is None else argv)
-        train_and_evaluate(config, workdir)
+        config, workdir, allowed = parse_args(sys.argv[1:] if argv is None else argv)
+        train_and_evaluate(config, workdir, allowed)
 
-    return cli.run(body)
+    try:
+        return cli.run(body)
+    except Preempted as e:
+        print(f"{e}; re-run the same command to resume", file=sys.stderr)
+        return PREEMPTED_EXIT
 
 
 if __name__ == "__main__":

@@ -81,16 +81,29 @@ def make_train_step(
         compute = grads_of if microbatches == 1 else accumulated_grads_of
         (loss, aux), grads = compute(state["params"], batch, step_rng)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        grad_norm = optax.tree.norm(grads)
+        # A non-finite loss, gradient or updated parameter (divergence, e.g. too high a
+        # learning rate) leaves params and optimizer state as they were: the state stays
+        # finite, so no checkpoint is ever non-finite. The step and rng still advance (the data
+        # and schedule stay aligned); the trainer counts these steps and stops after
+        # config.nonfinite.max_consecutive of them in a row. A select is exact: finite steps
+        # are unchanged to the bit.
+        finite = (
+            jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(params))
+        )
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
         new_state = {
-            "params": optax.apply_updates(state["params"], updates),
-            "opt_state": opt_state,
+            "params": keep(params, state["params"]),
+            "opt_state": keep(opt_state, state["opt_state"]),
             "step": state["step"] + 1,
             "rng": jax.random.key_data(rng),
         }
         metrics = {
             "train/loss": loss,
             "train/lr": schedule(state["step"]),
-            "train/grad_norm": optax.tree.norm(grads),
+            "train/grad_norm": grad_norm,
+            "train/nonfinite": 1.0 - finite.astype(jnp.float32),
             **{f"train/{k}": v for k, v in aux.items()},
         }
         return new_state, metrics

@@ -215,3 +215,21 @@ def test_run_export_reads_only_the_encoder_params(mlcd_run, tmp_path):
     bogus = {"params": {"extra": jax.ShapeDtypeStruct((3,), np.float32, sharding=replicated)}}
     with pytest.raises(ValueError, match=r"checkpoint 2 in .* has no 'params/extra'"):
         Checkpointer(mlcd_run, read_only=True).restore_subtree(2, bogus)
+
+
+def test_runs_written_before_the_heads_moved_still_export(mlcd_run, tmp_path):
+    """config.json of MLCD runs from before the objectives owned their heads kept the centers'
+    settings under model (num_centers, centers_init): readers drop them."""
+    import shutil
+
+    old = str(tmp_path / "old_run")
+    shutil.copytree(mlcd_run, old)
+    path = os.path.join(old, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config["model"].update(num_centers=8192, centers_init="/gone/centroids.npy")
+    with open(path, "w") as f:
+        json.dump(config, f)
+    assert "num_centers" not in runs.load_run_config(old).model
+    meta = runs.read_export_meta(export.export(old, str(tmp_path / "export")))
+    assert meta["model"] == runs.load_run_config(mlcd_run).model.to_dict()

@@ -127,55 +127,147 @@ def test_bad_input_stops_with_a_message(extra, message, scenes_dir, tmp_path):
     assert "Traceback" not in r.stderr
 
 
-def _final_params(workdir, step):
-    mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
-    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    return restored.state["params"]
+@pytest.mark.parametrize(
+    ("extra", "workdir", "message"),
+    [
+        (["--config.log_every=0"], "w", "error: config.log_every=0 must be a positive integer"),
+        (["--config.ckpt_every=0"], "w", "error: config.ckpt_every=0 must be a positive integer"),
+        (["--config.mesh=(('data', 8, 1),)"], "w", "must be a (name, size) pair"),
+        ([], "a_file", "File exists"),
+        ([], "/proc/mlcd_test/w", "/proc/mlcd_test"),
+    ],
+)
+def test_bad_loop_settings_and_workdirs_are_one_line_errors(
+    extra, workdir, message, scenes_dir, tmp_path, capsys
+):
+    """Caught before anything is compiled or created: exit status 2 and one line naming the
+    key or path (these used to be ZeroDivisionError, 'too many values to unpack', a
+    traceback and 'error: 2')."""
+    (tmp_path / "a_file").write_text("not a directory")
+    if not workdir.startswith("/"):
+        workdir = str(tmp_path / workdir)
+    args = ["--config", "configs/clip.py:tiny", "--workdir", workdir, *tiny_overrides(scenes_dir)]
+    assert train.main([*args, *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert not os.path.exists(tmp_path / "w")
 
 
-def test_sigkill_then_resume_matches_uninterrupted_run(scenes_dir, tmp_path):
-    steps = 120
-    args = [
-        "--config",
-        "configs/clip.py:tiny",
-        *tiny_overrides(
-            scenes_dir, total_steps=steps, ckpt_every=10, log_every=10, **{"optim.warmup_steps": 10}
-        ),
-    ]
-    ref_dir, run_dir = str(tmp_path / "ref"), str(tmp_path / "killed")
-    ref = _run_main([*args, "--workdir", ref_dir])
-    assert ref.returncode == 0, ref.stderr[-3000:]
+def test_divergence_is_skipped_then_stops_and_checkpoints_stay_finite(scenes_dir, tmp_path):
+    """lr = 1e6 makes the loss NaN within a few steps. Those steps leave the state unchanged
+    (train/nonfinite = 1), the run stops after nonfinite.max_consecutive of them naming the
+    first, and every checkpoint, including the last one retention keeps, is finite."""
+    overrides = tiny_overrides(
+        scenes_dir,
+        total_steps=40,
+        log_every=1,
+        ckpt_every=2,
+        **{"optim.lr": 1e6, "optim.warmup_steps": 1, "nonfinite.max_consecutive": 3},
+    )
+    workdir = str(tmp_path / "run")
+    with pytest.raises(train.Diverged, match=r"not finite at 3 steps in a row from step (\d+)"):
+        train.train_and_evaluate(_config("configs/clip.py:tiny", overrides), workdir)
+    records = [r for r in read_metrics(os.path.join(workdir, "metrics.jsonl")) if "train/loss" in r]
+    flags = [r["train/nonfinite"] for r in records]
+    assert flags[-3:] == [1.0, 1.0, 1.0] and 0.0 in flags, flags
+    assert not all(np.isfinite([r["train/loss"] for r in records]))
+    steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+    assert len(steps) == 2  # keep_ckpts
+    for step in steps:
+        assert all(np.all(np.isfinite(x)) for x in _leaves(_final_state(workdir, step))), step
 
-    # Start the same run, SIGKILL it as soon as its first checkpoint is complete on disk.
+
+def test_resume_with_another_config_is_refused_naming_the_keys(scenes_dir, tmp_path):
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(_config("configs/clip.py:tiny", tiny_overrides(scenes_dir)), workdir)
+    config_json = (tmp_path / "run" / "config.json").read_text()
+    changed = tiny_overrides(scenes_dir, total_steps=3, **{"optim.lr": 0.5, "model.embed_dim": 64})
+    message = (
+        r"run was trained with another config: config.model.embed_dim=64 \(was 128\); "
+        r"config.optim.lr=0.5 \(was 0.001\); config.total_steps=3 \(was 2\)\. .*"
+        r"--allow_config_change=model.embed_dim,optim.lr,total_steps"
+    )
+    with pytest.raises(ValueError, match=message):
+        train.train_and_evaluate(_config("configs/clip.py:tiny", changed), workdir)
+    assert (tmp_path / "run" / "config.json").read_text() == config_json  # untouched
+    # Changes that do not alter results pass; an explicitly allowed one too.
+    safe = tiny_overrides(scenes_dir, total_steps=3, log_every=3, keep_ckpts=3)
+    final = train.train_and_evaluate(
+        _config("configs/clip.py:tiny", safe), workdir, allow_config_change=("total_steps",)
+    )
+    assert "zeroshot/color/top1" in final
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["total_steps"] == 3
+
+
+def _interrupt(args, run_dir, sig):
+    """Starts the run, sends `sig` as soon as its first checkpoint (step 10) is on disk, waits;
+    returns the exit status."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlcd.train", *args, "--workdir", run_dir],
         cwd=ROOT,
         env=_env(),
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     first_ckpt = os.path.join(run_dir, "checkpoints", "10")
     deadline = time.time() + 300
     while not os.path.isdir(first_ckpt) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    steps_done = [int(d) for d in os.listdir(os.path.dirname(first_ckpt)) if d.isdigit()]
-    assert max(steps_done) < steps, "the run finished before it could be killed"
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=300)
+    return proc.returncode, err
 
-    resumed = _run_main([*args, "--workdir", run_dir])
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
 
-    ref_params, run_params = _final_params(ref_dir, steps), _final_params(run_dir, steps)
-    for a, b in zip(_leaves(ref_params), _leaves(run_params), strict=True):
-        np.testing.assert_array_equal(a, b)
+def test_sigkill_or_sigterm_then_resume_matches_uninterrupted_run(scenes_dir, tmp_path):
+    """SIGKILL loses at most the steps since the last checkpoint, SIGTERM (preemption)
+    checkpoints the step it arrives at and exits with PREEMPTED_EXIT; either way the same
+    command resumes to exactly the uninterrupted run: params, optimizer state and every
+    metrics.jsonl record (log_every does not divide ckpt_every, so a resume starts between two
+    log records)."""
+    steps = 120
+    args = [
+        "--config",
+        "configs/clip.py:tiny",
+        *tiny_overrides(
+            scenes_dir, total_steps=steps, ckpt_every=10, log_every=4, **{"optim.warmup_steps": 10}
+        ),
+    ]
+    ref_dir = str(tmp_path / "ref")
+    ref = _run_main([*args, "--workdir", ref_dir])
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    ref_state = _final_state(ref_dir, steps)
     ref_metrics = read_metrics(os.path.join(ref_dir, "metrics.jsonl"))
-    run_metrics = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
-    drop = ("train/images_per_sec",)
-    clean = lambda rs: [{k: v for k, v in r.items() if k not in drop} for r in rs]
-    assert clean(run_metrics) == clean(ref_metrics)
+
+    for sig, want_rc in ((signal.SIGKILL, -signal.SIGKILL), (signal.SIGTERM, train.PREEMPTED_EXIT)):
+        run_dir = str(tmp_path / sig.name)
+        rc, err = _interrupt(args, run_dir, sig)
+        assert rc == want_rc, err[-3000:]
+        steps_done = [
+            int(d) for d in os.listdir(os.path.join(run_dir, "checkpoints")) if d.isdigit()
+        ]
+        assert max(steps_done) < steps, "the run finished before it could be interrupted"
+        if sig == signal.SIGTERM:
+            assert "preempted (SIGTERM) at step" in err and "re-run the same command" in err
+
+        resumed = _run_main([*args, "--workdir", run_dir])
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        for a, b in zip(_leaves(ref_state), _leaves(_final_state(run_dir, steps)), strict=True):
+            np.testing.assert_array_equal(a, b)
+        run_metrics = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+        assert _without_timing(run_metrics) == _without_timing(ref_metrics), sig.name
     losses = [r["train/loss"] for r in ref_metrics if "train/loss" in r]
     assert losses[-1] < losses[0] - 0.3, losses  # and it actually learns
+
+
+def _without_timing(records):
+    return [{k: v for k, v in r.items() if k != "train/images_per_sec"} for r in records]
+
+
+def _final_state(workdir, step):
+    mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
+    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    return {k: restored.state[k] for k in ("params", "opt_state")}
 
 
 def _leaves(tree):
