@@ -116,6 +116,8 @@ class Encoder:
 
     def embed_texts(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         """list of N strings -> {'embedding': float32 [N, E] L2-normalised}."""
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise TypeError("embed_texts expects a list of strings (one string per text)")
         if self._tokenizer is None:
             raise ValueError("this encoder has no text tower / tokenizer")
         tokens = self._tokenizer.encode(list(texts), self._context_length)

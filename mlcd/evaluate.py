@@ -50,7 +50,9 @@ def evaluate(
     """Runs the named evaluators on `encoder`; spec = {'data': ..., 'evals': ...} of the run.
     Evaluators that write files (plots) write them under `out_dir` (default: none written)."""
     data = ml_collections.ConfigDict(spec["data"])
-    builder = datasets.get_builder(data.name, data_dir or data.data_dir, **data.build.to_dict())
+    builder = datasets.get_builder(
+        data.name, data_dir or data.data_dir, build=False, **data.build.to_dict()
+    )
     shared = evaluators.SharedEmbeddings(encoder)
     results: dict[str, float] = {}
     for name in evals:

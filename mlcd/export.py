@@ -10,12 +10,17 @@ training-only heads (e.g. MLCD's class centers) are never exported, whatever the
 freshly initialised; no checkpoint needed): the untrained baseline of the same architecture.
 
 The export is written into a temporary sibling directory and renamed into place when
-complete, so an interrupted export never leaves a directory that load_encoder would trust.
+complete, so an interrupted export never leaves a directory that load_encoder would trust; a
+failed export removes its temporary directory, and one left by a killed export is removed by
+the next export to the same --out. --out is never a directory the tool did not write: the run
+itself, a directory above it, its checkpoints, or a non-empty directory that is not an mlcd
+export are refused.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import shutil
@@ -37,6 +42,8 @@ def export(workdir: str, out: str, step: int | None = None, random_init: bool = 
     architecture: probes on it measure what the architecture alone gives. export.json then
     has "step": 0 and "random_init": true.
     """
+    out = os.path.abspath(out)
+    check_out(workdir, out)
     if random_init:
         if step is not None:
             raise ValueError("--random-init exports the initial parameters: do not give --step")
@@ -44,10 +51,70 @@ def export(workdir: str, out: str, step: int | None = None, random_init: bool = 
         step = 0
     else:
         config, _, params, step = runs.restore_run_params(workdir, step)
-    out = os.path.abspath(out)
-    tmp = f"{out}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove_stale_temporaries(out)
+    tmp = f"{out}{_TMP}{os.getpid()}"
     os.makedirs(tmp)
+    try:
+        _write(tmp, config, params, workdir, step, random_init)
+        _swap_in(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+_TMP = ".tmp-"  # a temporary export is "<out>.tmp-<pid>"
+
+
+def check_out(workdir: str, out: str) -> None:
+    """ValueError unless `out` (absolute) may receive an export of `workdir`: not the run
+    directory, a directory above it or anything in its checkpoints, and either absent, empty
+    or an earlier mlcd export (which the new one replaces)."""
+    run = os.path.realpath(workdir)
+    real = os.path.realpath(out)
+    ckpt = os.path.join(run, "checkpoints")
+    if real == run or run.startswith(real + os.sep) or (real + os.sep).startswith(ckpt + os.sep):
+        raise ValueError(
+            f"--out {out}: that is the run {workdir}, a directory above it or inside its "
+            "checkpoints; export to a directory of its own"
+        )
+    if os.path.isdir(out) and os.listdir(out):
+        if not os.path.exists(os.path.join(out, runs.EXPORT_FILE)):
+            raise ValueError(
+                f"--out {out} is a non-empty directory that is not an mlcd export (no "
+                f"{runs.EXPORT_FILE}); refusing to replace it: choose a new or empty directory"
+            )
+    elif os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out} is a file, not a directory")
+
+
+def remove_stale_temporaries(out: str) -> None:
+    """Removes `<out>.tmp-<pid>` directories left by exports whose process is gone."""
+    for path in glob.glob(glob.escape(out) + _TMP + "*"):
+        pid = path.rsplit(_TMP, 1)[1]
+        if not pid.isdigit() or not os.path.isdir(path):
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
+
+
+def _swap_in(tmp: str, out: str) -> None:
+    """Renames the complete export `tmp` to `out`; an earlier export there is moved aside first
+    and removed only once the new one is in place."""
+    old = None
+    if os.path.exists(out):
+        old = f"{out}{_TMP}{os.getpid()}-old"
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write(tmp: str, config, params, workdir: str, step: int, random_init: bool) -> None:
+    """Writes the export's files into the (new, empty) directory `tmp`."""
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(os.path.join(tmp, runs.PARAMS_DIR), params)
         checkpointer.wait_until_finished()
@@ -76,10 +143,6 @@ def export(workdir: str, out: str, step: int | None = None, random_init: bool = 
     }
     with open(os.path.join(tmp, runs.EXPORT_FILE), "w") as f:
         json.dump(meta, f, indent=2)
-    if os.path.exists(out):
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -229,6 +229,10 @@ def test_input_errors(enc8, model_parts, images):
             enc8.embed_images(x)
     with pytest.raises(ValueError, match=r"got float32 \(2, 48, 40, 3\)"):
         enc8.embed_images(bad["float32"])
+    # A str is a sequence of 12 one-character texts to Python: refused, not embedded.
+    for texts in ("a red circle", ["a red circle", 3]):
+        with pytest.raises(TypeError, match="expects a list of strings"):
+            enc8.embed_texts(texts)
 
     graphdef, params, _ = model_parts
     no_text = Encoder(

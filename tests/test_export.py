@@ -233,3 +233,62 @@ def test_runs_written_before_the_heads_moved_still_export(mlcd_run, tmp_path):
     assert "num_centers" not in runs.load_run_config(old).model
     meta = runs.read_export_meta(export.export(old, str(tmp_path / "export")))
     assert meta["model"] == runs.load_run_config(mlcd_run).model.to_dict()
+
+
+def _snapshot(root) -> dict:
+    return {
+        os.path.relpath(os.path.join(d, f), root): os.path.getsize(os.path.join(d, f))
+        for d, _, files in os.walk(root)
+        for f in files
+    }
+
+
+def test_export_never_deletes_what_it_did_not_write(run, tmp_path, capsys):
+    """--out the run itself, a directory above it, its checkpoints, or a non-empty directory
+    that is not an export: refused with one line, nothing touched (export used to rmtree
+    --out whatever it held, destroying the run)."""
+    import shutil
+
+    workdir = str(tmp_path / "runs" / "clip")
+    shutil.copytree(run[0], workdir)
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    before = _snapshot(tmp_path)
+    refused = {
+        workdir: "that is the run",
+        str(tmp_path / "runs"): "a directory above it",
+        os.path.join(workdir, "checkpoints"): "inside its checkpoints",
+        os.path.join(workdir, "checkpoints", "new"): "inside its checkpoints",
+        str(other): "is a non-empty directory that is not an mlcd export",
+    }
+    for out, reason in refused.items():
+        assert export.main(["--workdir", workdir, "--out", out]) == 2, out
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --out {out}") and err.count("\n") == 1, err
+        assert reason in err, err
+    assert _snapshot(tmp_path) == before
+
+    # An empty directory, a directory inside the run, and an earlier export are fine.
+    (tmp_path / "empty").mkdir()
+    for out in (str(tmp_path / "empty"), os.path.join(workdir, "export"), str(tmp_path / "empty")):
+        assert export.main(["--workdir", workdir, "--out", out]) == 0, capsys.readouterr().err
+        assert runs.read_export_meta(out)["step"] == 4
+    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
+
+
+def test_failed_or_killed_exports_leave_no_temporary_copy(run, tmp_path, monkeypatch):
+    workdir, _ = run
+    out = str(tmp_path / "export")
+    dead = f"{out}.tmp-{2**22 + 12345}"  # above Linux's default pid_max: no such process
+    alive = f"{out}.tmp-{os.getppid()}"  # a live process's export in progress: left alone
+    for path in (dead, alive):
+        os.makedirs(os.path.join(path, "params"))
+
+    def fail(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(export, "_write", fail)
+    with pytest.raises(OSError, match="disk full"):
+        export.export(workdir, out)
+    assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(p) for p in (alive,))

@@ -275,6 +275,12 @@ def test_get_builder(built, data_root, tmp_path):
         get_builder("mnist", None)
     with pytest.raises(ValueError, match="train_size"):
         get_builder("mnist", str(tmp_path), train_size=3)
+    # build=False (evaluation) opens a prepared dataset and never generates a missing one.
+    assert get_builder("synthetic_scenes", data_root, build=False, **TINY).is_prepared()
+    typo = tmp_path / "dat"
+    with pytest.raises(FileNotFoundError, match=r"not prepared in .*/dat; evaluation never"):
+        get_builder("synthetic_scenes", str(typo), build=False, **TINY)
+    assert not typo.exists()
 
 
 def test_cli_builds(tmp_path, capsys):

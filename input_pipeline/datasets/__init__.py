@@ -1,8 +1,8 @@
 """Datasets: `get_builder(name, data_dir, **kwargs)` returns a prepared tfds builder.
 
 DATASETS holds the datasets this codebase can generate itself (offline) when they are missing,
-each registered by its package here as build(data_dir, **kwargs) -> builder; any other name is
-a tfds dataset that must already be prepared.
+each registered by its package here as build(data_dir, *, prepare, **kwargs) -> builder; any
+other name is a tfds dataset that must already be prepared.
 """
 
 import os
@@ -15,19 +15,20 @@ DATASETS = Registry("dataset", autoload=("input_pipeline.datasets",))
 
 
 def get_builder(
-    name: str, data_dir: str | os.PathLike | None, **kwargs
+    name: str, data_dir: str | os.PathLike | None, *, build: bool = True, **kwargs
 ) -> tfds.core.DatasetBuilder:
     """A prepared tfds builder for `name` in `data_dir`.
 
     'synthetic_scenes' is built there if missing (kwargs: its sizes, image_size, seed,
-    vocab_size). Any other name (tfds syntax, e.g. "mnist" or "my_ds/config:1.0.0") must already
+    vocab_size), unless build=False (then a missing one is a FileNotFoundError and nothing is
+    written). Any other name (tfds syntax, e.g. "mnist" or "my_ds/config:1.0.0") must already
     be prepared in data_dir: nothing is downloaded here.
     """
     if not data_dir:
         raise ValueError(f"dataset {name!r} needs a data_dir (got {data_dir!r})")
     data_dir = os.fspath(data_dir)
     if name in DATASETS:
-        return DATASETS.get(name)(data_dir, **kwargs)
+        return DATASETS.get(name)(data_dir, prepare=build, **kwargs)
     if kwargs:
         raise ValueError(
             f"options {sorted(kwargs)} only apply to buildable datasets {DATASETS.names()}, "

@@ -270,8 +270,11 @@ def _quiet_tfds_progress():
         tfds.display_progress_bar(was_active)
 
 
-def build(data_dir: str | os.PathLike, **options: int) -> SyntheticScenes:
+def build(data_dir: str | os.PathLike, *, prepare: bool = True, **options: int) -> SyntheticScenes:
     """Prepares synthetic_scenes under `data_dir` (if not already there) and returns its builder.
+
+    prepare=False only opens it: FileNotFoundError if it is not prepared there (nothing is
+    written; evaluation never generates data).
 
     options: the SyntheticScenesConfig fields train_size, validation_size, test_size,
     image_size, seed, vocab_size (defaults 20000 / 1000 / 2000 / 64 / 0 / 1024). Idempotent. The
@@ -284,6 +287,15 @@ def build(data_dir: str | os.PathLike, **options: int) -> SyntheticScenes:
     builder = SyntheticScenes(
         config=SyntheticScenesConfig.create(**options), data_dir=os.fspath(data_dir)
     )
+    if not prepare:
+        if not builder.is_prepared():
+            raise FileNotFoundError(
+                f"synthetic_scenes ({builder.builder_config.name}) is not prepared in "
+                f"{os.fspath(data_dir)}; evaluation never generates data: point --data_dir at "
+                "the training run's data, or build it with python -m "
+                "input_pipeline.datasets.synthetic_scenes"
+            )
+        return builder
     with _quiet_tfds_progress():
         builder.download_and_prepare()
     write_side_files(builder)
