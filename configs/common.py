@@ -57,6 +57,9 @@ def base_config() -> ml_collections.ConfigDict:
     # The caption field(s) to train on; with several, each example draws one uniformly at
     # random (seeded per example, so a resumed run draws the same).
     c.data.text_keys = ("long_caption",)
+    # Examples whose record cannot be read (a corrupted shard) or whose image cannot be decoded
+    # are dropped and counted (data/skipped_examples); past this many the run stops, naming it.
+    c.data.max_skipped = 1000
     c.data.num_threads = 2  # grain reader threads per host
     c.data.prefetch = 4
 

@@ -5,7 +5,8 @@
       .shuffle(seed).repeat()                 a fresh permutation every epoch
       .map_with_index(decode, ops)            decode 'image'; config.pp.ops (transforms.py), each
                                               op seeded by (seed, op, position in the stream)
-      -> iter: drop undecodable examples, keep the objective's input fields, batch(host_batch)
+      -> iter: drop unreadable records and undecodable images (counted, at most
+         config.data.max_skipped), keep the objective's input fields, batch(host_batch)
 
 Every random choice is a function of (seed, op, position in the stream), so the only state
 needed to resume exactly is the iterator position, which `get_state()` returns (grain accounts
@@ -30,15 +31,46 @@ from input_pipeline.tokenizers import Tokenizer
 
 
 class _SkipCounter:
-    """Thread-safe count of examples dropped because they could not be decoded."""
+    """Thread-safe count of examples dropped because their record could not be read or their
+    image decoded; past `limit` the run stops (config.data.max_skipped)."""
 
-    def __init__(self):
+    def __init__(self, limit: int):
         self._lock = threading.Lock()
         self.count = 0
+        self.limit = limit
 
-    def add(self) -> None:
+    def add(self, what: str) -> None:
+        """Counts one dropped example; ValueError naming it once the limit is passed."""
         with self._lock:
             self.count += 1
+            if self.count > self.limit:
+                raise ValueError(
+                    f"{self.count} examples could not be read or decoded, more than "
+                    f"config.data.max_skipped={self.limit}; the last: {what}"
+                )
+
+
+class _SkippingSource:
+    """The split's data source, where a record that cannot be read (a corrupted shard: e.g.
+    a Riegeli chunk hash mismatch) reads as None, dropped and counted like an undecodable
+    image. Corruption is static, so a resumed run drops exactly the same records."""
+
+    def __init__(self, source, skipped: _SkipCounter, where: str):
+        self._source = source
+        self._skipped = skipped
+        self._where = where
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        try:
+            return self._source[index]
+        except Exception as e:
+            what = f"record {index} of {self._where}: {str(e).splitlines()[0] if str(e) else e!r}"
+            logging.warning("skipping unreadable %s", what)
+            self._skipped.add(what)
+            return None
 
 
 class _Example:
@@ -51,11 +83,13 @@ class _Example:
         self._skipped = skipped
 
     def __call__(self, position: int, example: dict[str, Any]) -> dict[str, Any] | None:
+        if example is None:  # an unreadable record (_SkippingSource)
+            return None
         try:
             image = preprocess.decode_image(example["image"])
         except Exception as e:
             logging.warning("skipping example %r: unreadable image (%s)", example.get("id"), e)
-            self._skipped.add()
+            self._skipped.add(f"example {example.get('id')!r}: unreadable image ({e})")
             return None
         example = self._chain({**example, "image": image}, position)
         return {k: example[k] for k in self._fields}
@@ -65,7 +99,7 @@ def _with_index(num_examples: int, index: int, example: dict[str, Any]) -> dict[
     """The example with its index in the split (e.g. its row in a label store). grain passes
     the element's position in the stream, epoch * num_examples + i after .repeat(), and the
     source reads source[index % num_examples]: so does this."""
-    return {**example, "index": index % num_examples}
+    return None if example is None else {**example, "index": index % num_examples}
 
 
 class TrainIterator:
@@ -109,7 +143,10 @@ class TrainIterator:
                 f"split {data.split!r} of {builder.name} has {len(source)} examples, fewer than "
                 f"one global batch ({process_count * host_batch_size})"
             )
-        self.skipped_counter = _SkipCounter()
+        self.skipped_counter = _SkipCounter(int(data.max_skipped))
+        source = _SkippingSource(
+            source, self.skipped_counter, f"split {data.split!r} in {builder.data_dir}"
+        )
         example = _Example(transforms.Chain(ops, config.seed), fields, self.skipped_counter)
         ds = (
             grain.MapDataset.source(source)

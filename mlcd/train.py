@@ -59,6 +59,7 @@ RESUMABLE_CHANGES = (
     "nonfinite",
     "data.num_threads",
     "data.prefetch",
+    "data.max_skipped",
     "data.data_dir",
     "tokenizer",
 )
