@@ -116,9 +116,15 @@ class Encoder:
 
     def embed_texts(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         """list of N strings -> {'embedding': float32 [N, E] L2-normalised}."""
-        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
-            raise TypeError("embed_texts expects a list of strings (one string per text)")
+        if isinstance(texts, str):  # would be embedded as one text per character
+            raise TypeError("embed_texts expects a list of strings, got a str: pass [text]")
+        texts = list(texts)  # once: a generator is read here, not by a check and then empty
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise TypeError(
+                    f"embed_texts expects a list of strings; texts[{i}] is {type(t).__name__}"
+                )
         if self._tokenizer is None:
             raise ValueError("this encoder has no text tower / tokenizer")
-        tokens = self._tokenizer.encode(list(texts), self._context_length)
+        tokens = self._tokenizer.encode(texts, self._context_length)
         return self._run(self._text_fn, tokens, ("embedding",))

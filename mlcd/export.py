@@ -12,9 +12,10 @@ freshly initialised; no checkpoint needed): the untrained baseline of the same a
 The export is written into a temporary sibling directory and renamed into place when
 complete, so an interrupted export never leaves a directory that load_encoder would trust; a
 failed export removes its temporary directory, and one left by a killed export is removed by
-the next export to the same --out. --out is never a directory the tool did not write: the run
-itself, a directory above it, its checkpoints, or a non-empty directory that is not an mlcd
-export are refused.
+the next export to the same --out (which puts back an earlier export it was replacing). --out
+is never a directory the tool did not write: the run itself, a directory above it, its
+checkpoints (through symlinks too), or a non-empty directory that is not an mlcd export are
+refused.
 """
 
 from __future__ import annotations
@@ -63,54 +64,85 @@ def export(workdir: str, out: str, step: int | None = None, random_init: bool = 
 
 
 _TMP = ".tmp-"  # a temporary export is "<out>.tmp-<pid>"
+_OLD = "-old"  # the export it replaces, while the new one is renamed in: "<out>.tmp-<pid>-old"
 
 
 def check_out(workdir: str, out: str) -> None:
     """ValueError unless `out` (absolute) may receive an export of `workdir`: not the run
     directory, a directory above it or anything in its checkpoints, and either absent, empty
-    or an earlier mlcd export (which the new one replaces)."""
+    or an earlier mlcd export (export.json of this FORMAT), which the new one replaces."""
     run = os.path.realpath(workdir)
     real = os.path.realpath(out)
-    ckpt = os.path.join(run, "checkpoints")
-    if real == run or run.startswith(real + os.sep) or (real + os.sep).startswith(ckpt + os.sep):
+    ckpt = os.path.realpath(os.path.join(run, "checkpoints"))
+    if os.path.commonpath([real, run]) == real or os.path.commonpath([real, ckpt]) == ckpt:
         raise ValueError(
             f"--out {out}: that is the run {workdir}, a directory above it or inside its "
             "checkpoints; export to a directory of its own"
         )
-    if os.path.isdir(out) and os.listdir(out):
-        if not os.path.exists(os.path.join(out, runs.EXPORT_FILE)):
-            raise ValueError(
-                f"--out {out} is a non-empty directory that is not an mlcd export (no "
-                f"{runs.EXPORT_FILE}); refusing to replace it: choose a new or empty directory"
-            )
-    elif os.path.exists(out) and not os.path.isdir(out):
+    if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out} is a file, not a directory")
+    if os.path.isdir(out) and os.listdir(out) and not _is_export(out):
+        raise ValueError(
+            f"--out {out} is a non-empty directory that is not an mlcd export (no "
+            f"{runs.EXPORT_FILE} of format {runs.FORMAT}); refusing to replace it: choose a new "
+            "or empty directory"
+        )
+
+
+def _is_export(path: str) -> bool:
+    """Whether `path` holds an export.json of this format (what an earlier export wrote)."""
+    try:
+        with open(os.path.join(path, runs.EXPORT_FILE)) as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == runs.FORMAT
 
 
 def remove_stale_temporaries(out: str) -> None:
-    """Removes `<out>.tmp-<pid>` directories left by exports whose process is gone."""
+    """Clears what exports to `out` whose process is gone left next to it: `<out>.tmp-<pid>`
+    (a new export being written) is removed; `<out>.tmp-<pid>-old` (the earlier export, moved
+    aside while the new one was renamed in) is put back at `out` if nothing is there, else
+    removed. A directory named after this process is stale too: it cannot be this export's
+    yet (a container restarted with the same pid)."""
     for path in glob.glob(glob.escape(out) + _TMP + "*"):
-        pid = path.rsplit(_TMP, 1)[1]
-        if not pid.isdigit() or not os.path.isdir(path):
+        name = path[len(out + _TMP) :]
+        pid = name.removesuffix(_OLD)
+        if not pid.isdigit() or not os.path.isdir(path) or _alive(int(pid)):
             continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
+        if name.endswith(_OLD) and not os.path.exists(out):
+            os.replace(path, out)
+        else:
             shutil.rmtree(path, ignore_errors=True)
-        except PermissionError:  # alive, another user's
-            pass
+
+
+def _alive(pid: int) -> bool:
+    """Whether another process `pid` exists (this process's own pid counts as gone)."""
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        pass
+    return True
 
 
 def _swap_in(tmp: str, out: str) -> None:
-    """Renames the complete export `tmp` to `out`; an earlier export there is moved aside first
-    and removed only once the new one is in place."""
-    old = None
-    if os.path.exists(out):
-        old = f"{out}{_TMP}{os.getpid()}-old"
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    """Renames the complete export `tmp` to `out`; an earlier export there is moved aside first,
+    put back if the new one cannot be renamed in, and removed only once the new one is in."""
+    if not os.path.exists(out):
+        os.replace(tmp, out)
+        return
+    old = f"{out}{_TMP}{os.getpid()}{_OLD}"
+    os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _write(tmp: str, config, params, workdir: str, step: int, random_init: bool) -> None:

@@ -230,9 +230,15 @@ def test_input_errors(enc8, model_parts, images):
     with pytest.raises(ValueError, match=r"got float32 \(2, 48, 40, 3\)"):
         enc8.embed_images(bad["float32"])
     # A str is a sequence of 12 one-character texts to Python: refused, not embedded.
-    for texts in ("a red circle", ["a red circle", 3]):
-        with pytest.raises(TypeError, match="expects a list of strings"):
-            enc8.embed_texts(texts)
+    with pytest.raises(TypeError, match="expects a list of strings, got a str"):
+        enc8.embed_texts("a red circle")
+    with pytest.raises(TypeError, match=r"expects a list of strings; texts\[1\] is int"):
+        enc8.embed_texts(["a red circle", 3])
+    # Any iterable of strings is read once: a generator's texts are all embedded.
+    np.testing.assert_array_equal(
+        enc8.embed_texts(t for t in TEXTS[:3])["embedding"],
+        enc8.embed_texts(TEXTS[:3])["embedding"],
+    )
 
     graphdef, params, _ = model_parts
     no_text = Encoder(

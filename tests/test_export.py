@@ -4,6 +4,7 @@ export and evaluation of a run read only the encoder's parameters from its check
 
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -102,6 +103,13 @@ def test_evaluate_cli_writes_only_its_output(run, tmp_path, capsys):
     bad = os.path.join(workdir, "checkpoints", "r.json")
     assert evaluate.main(["--workdir", workdir, "--evals", "retrieval", "--out", bad]) == 2
     assert "never writes into" in capsys.readouterr().err
+    # A mistyped --data_dir is an error, not a synthetic_scenes dataset generated there.
+    typo = str(tmp_path / "dat")
+    assert evaluate.main(["--workdir", workdir, "--evals", "retrieval", "--data_dir", typo]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: synthetic_scenes") and err.count("\n") == 1, err
+    assert f"not prepared in {typo}; evaluation never generates data" in err
+    assert not os.path.exists(typo)
 
 
 def test_random_init_export_is_the_runs_initial_params(run, tmp_path, capsys):
@@ -220,8 +228,6 @@ def test_run_export_reads_only_the_encoder_params(mlcd_run, tmp_path):
 def test_runs_written_before_the_heads_moved_still_export(mlcd_run, tmp_path):
     """config.json of MLCD runs from before the objectives owned their heads kept the centers'
     settings under model (num_centers, centers_init): readers drop them."""
-    import shutil
-
     old = str(tmp_path / "old_run")
     shutil.copytree(mlcd_run, old)
     path = os.path.join(old, "config.json")
@@ -246,21 +252,29 @@ def _snapshot(root) -> dict:
 def test_export_never_deletes_what_it_did_not_write(run, tmp_path, capsys):
     """--out the run itself, a directory above it, its checkpoints, or a non-empty directory
     that is not an export: refused with one line, nothing touched (export used to rmtree
-    --out whatever it held, destroying the run)."""
-    import shutil
-
+    --out whatever it held, destroying the run). Checkpoints are recognised through a symlink,
+    and an export.json is an export's only if it has the mlcd format."""
     workdir = str(tmp_path / "runs" / "clip")
     shutil.copytree(run[0], workdir)
+    disk = tmp_path / "disk"  # its checkpoints on another disk, through a symlink
+    disk.mkdir()
+    shutil.move(os.path.join(workdir, "checkpoints"), disk / "checkpoints")
+    os.symlink(disk / "checkpoints", os.path.join(workdir, "checkpoints"))
     other = tmp_path / "notes"
     other.mkdir()
     (other / "keep.txt").write_text("mine")
+    foreign = tmp_path / "other_tool"  # an export.json, but not of an mlcd export
+    foreign.mkdir()
+    (foreign / "export.json").write_text('{"format": "other-tool/3"}')
     before = _snapshot(tmp_path)
     refused = {
         workdir: "that is the run",
         str(tmp_path / "runs"): "a directory above it",
         os.path.join(workdir, "checkpoints"): "inside its checkpoints",
         os.path.join(workdir, "checkpoints", "new"): "inside its checkpoints",
+        str(disk / "checkpoints" / "new"): "inside its checkpoints",
         str(other): "is a non-empty directory that is not an mlcd export",
+        str(foreign): "is a non-empty directory that is not an mlcd export",
     }
     for out, reason in refused.items():
         assert export.main(["--workdir", workdir, "--out", out]) == 2, out
@@ -280,15 +294,42 @@ def test_export_never_deletes_what_it_did_not_write(run, tmp_path, capsys):
 def test_failed_or_killed_exports_leave_no_temporary_copy(run, tmp_path, monkeypatch):
     workdir, _ = run
     out = str(tmp_path / "export")
-    dead = f"{out}.tmp-{2**22 + 12345}"  # above Linux's default pid_max: no such process
+    dead = 2**22 + 12345  # above Linux's default pid_max: no such process
     alive = f"{out}.tmp-{os.getppid()}"  # a live process's export in progress: left alone
-    for path in (dead, alive):
+    # Named after this process: a killed export's, from a container restarted with the same
+    # pid; it used to make this export fail (FileExistsError) for as long as it was there.
+    for path in (f"{out}.tmp-{dead}", alive, f"{out}.tmp-{os.getpid()}"):
         os.makedirs(os.path.join(path, "params"))
 
     def fail(*args):
         raise OSError("disk full")
 
-    monkeypatch.setattr(export, "_write", fail)
-    with pytest.raises(OSError, match="disk full"):
+    with monkeypatch.context() as m:
+        m.setattr(export, "_write", fail)
+        with pytest.raises(OSError, match="disk full"):
+            export.export(workdir, out)
+    assert os.listdir(tmp_path) == [os.path.basename(alive)]
+
+    # Killed between moving the earlier export aside and renaming the new one in: the earlier
+    # export is put back; with an export in place, such a leftover is only removed.
+    export.export(workdir, out, step=2)
+    os.replace(out, f"{out}.tmp-{dead}-old")
+    export.remove_stale_temporaries(out)
+    assert runs.read_export_meta(out)["step"] == 2
+    os.makedirs(f"{out}.tmp-{dead}-old")
+    export.remove_stale_temporaries(out)
+    assert sorted(os.listdir(tmp_path)) == sorted(["export", os.path.basename(alive)])
+
+    # The new export cannot be renamed in: the earlier one is put back, nothing is left over.
+    replace = os.replace
+
+    def failing_rename(src, dst):
+        if src.endswith(f".tmp-{os.getpid()}"):
+            raise OSError(f"cannot rename {src}")
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing_rename)
+    with pytest.raises(OSError, match="cannot rename"):
         export.export(workdir, out)
-    assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(p) for p in (alive,))
+    assert runs.read_export_meta(out)["step"] == 2
+    assert sorted(os.listdir(tmp_path)) == sorted(["export", os.path.basename(alive)])
