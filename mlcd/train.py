@@ -206,12 +206,15 @@ def train_and_evaluate(
     with jax.set_mesh(mesh):
         state = train_state.init_state(config, built.objective, built.tx, shardings)
     num_params = sum(x.size for x in jax.tree.leaves(train_state.model_params(state["params"])))
-    resume_step = ckpt.latest_step()
+    # The newest checkpoint that restores; a damaged one is moved aside (never deleted) with a
+    # warning, and the one before it is used.
+    resumed = ckpt.restore_latest(abstract_like(state, shardings))
+    resume_step = None if resumed is None else resumed[0]
     # Per-step metrics since the last log record: checkpointed with the data position, so the
     # first record after a resume averages the same steps as the uninterrupted run's.
     log_metrics: list[dict[str, Any]] = []
-    if resume_step is not None:
-        state, data_state = ckpt.restore(resume_step, abstract_like(state, shardings))
+    if resumed is not None:
+        _, state, data_state = resumed
         # Checkpoints written before the metrics were saved hold the iterator state alone.
         train_iter.set_state(data_state.get("iterator", data_state))
         log_metrics = [

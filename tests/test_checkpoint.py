@@ -1,10 +1,20 @@
 """Checkpointer: save -> restore is bit-exact (arrays, dtypes, data-iterator state) onto the
 target's shardings, on any mesh (8 devices -> (4, 2) -> 1 device); keep=N keeps the last N
 steps; restore_subtree reads only the requested leaves and names a missing one; a read_only
-Checkpointer creates and writes nothing; abstract_like. No jit compilation: arrays are made
-with device_put and compared on the host."""
+Checkpointer creates and writes nothing; abstract_like. Damaged checkpoints (copies of the
+module's run with a truncated or bit-flipped array file, no _METADATA, an empty newer step
+directory): restore names the step directory, restore_latest falls back to the previous step
+with one warning and moves the bad one aside, where orbax neither lists nor deletes it. The
+arrays are made with device_put and compared on the host; the only compiled function is the
+checksum of save and restore."""
 
+import asyncio
+import gc
+import logging
 import os
+import re
+import shutil
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +25,7 @@ from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 from mlcd import sharding
-from mlcd.checkpoint import Checkpointer, abstract_like
+from mlcd.checkpoint import Checkpointer, _QuietFailedReads, abstract_like
 
 STEPS = (1, 2, 3)
 BIG = (256, 1024)  # 1 MiB of random float32 (incompressible): the optimizer moment
@@ -270,6 +280,253 @@ def test_read_only_writes_nothing(run):
     ckpt.close()
     assert ckpt.all_steps() == [2, 3]
     assert _tree_snapshot(root) == before
+
+
+def _array_file(step_dir: str) -> str:
+    """The largest data file of a checkpoint's arrays (ocdbt: chunks of the 1 MiB moment)."""
+    files = [
+        os.path.join(d, f)
+        for d, _, names in os.walk(os.path.join(step_dir, "state"))
+        if "ocdbt.process_" in d and os.path.basename(d) == "d"
+        for f in names
+    ]
+    return max(files, key=os.path.getsize)
+
+
+def _truncate(step_dir: str) -> None:
+    path = _array_file(step_dir)
+    os.truncate(path, os.path.getsize(path) // 2)
+
+
+def _flip(step_dir: str) -> None:
+    """Inverts 64 bytes in the middle of an array file (as bench/chaos.py does): orbax reads
+    such a file without an error, only the checksums see it."""
+    path = _array_file(step_dir)
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        data = f.read(64)
+        f.seek(-len(data), os.SEEK_CUR)
+        f.write(bytes(b ^ 0xFF for b in data))
+
+
+def _copy(run, tmp_path) -> tuple[str, str]:
+    """A copy of the module's run to damage: (workdir, its checkpoints directory)."""
+    workdir = str(tmp_path / "run")
+    shutil.copytree(run[0], workdir)
+    return workdir, os.path.join(workdir, "checkpoints")
+
+
+def _ours(caplog) -> list[logging.LogRecord]:
+    """Log records, less absl's (orbax's notices, which the CLIs keep quiet)."""
+    return [r for r in caplog.records if r.name != "absl"]
+
+
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (_truncate, r"OUT_OF_RANGE: Error reading .*"),
+        (_flip, r".*/checkpoints/3: .* not as saved \(checksum mismatch\); its files are damaged"),
+        (
+            lambda step_dir: os.remove(os.path.join(step_dir, "state", "_METADATA")),
+            r".*/checkpoints/3/state: no readable array metadata \(missing or damaged\)",
+        ),
+        (None, r".*/checkpoints/50/state: no readable array metadata \(missing or damaged\)"),
+    ],
+    ids=["truncated", "bit_flipped", "no_metadata", "empty_newer_step"],
+)
+def test_restore_latest_falls_back_past_a_damaged_step(
+    run, tmp_path, caplog, capfd, monkeypatch, damage, reason
+):
+    """The previous step restores bit for bit, with one warning line naming the bad step
+    directory, the reason and where it went; the bad one is moved aside untouched. Nothing
+    reaches stderr, nor sys.unraisablehook (where a truncated file's failed reads echo)."""
+    _, shardings = run
+    workdir, root = _copy(run, tmp_path)
+    if damage is None:  # a newer step directory left empty (a copy or sync cut short)
+        bad, good = 50, 3
+        os.mkdir(os.path.join(root, "50"))
+    else:
+        bad, good = 3, 2
+        damage(os.path.join(root, "3"))
+    bad_dir = os.path.join(root, str(bad))
+    bad_files = _tree_snapshot(bad_dir)
+    capfd.readouterr()
+
+    ckpt = Checkpointer(workdir, keep=2)
+    want = _place(_host_state(good), shardings)
+    echoes = []
+    monkeypatch.setattr(sys, "unraisablehook", echoes.append)
+    with caplog.at_level(logging.INFO):
+        step, state, data = ckpt.restore_latest(abstract_like(want, shardings))
+    gc.collect()
+    assert echoes == []
+    assert step == good
+    _assert_identical(state, want, shardings)
+    assert data == _data_state(good)
+
+    [record] = _ours(caplog)
+    assert record.levelno == logging.WARNING
+    assert re.fullmatch(
+        rf"checkpoint {re.escape(bad_dir)} cannot be restored \({reason}\); moved to "
+        rf"{re.escape(bad_dir)}\.corrupt, resuming from step {good}",
+        record.getMessage(),
+    ), record.getMessage()
+    assert "Traceback" not in capfd.readouterr().err
+    assert not os.path.exists(bad_dir)
+    assert _tree_snapshot(bad_dir + ".corrupt") == bad_files
+    assert ckpt.all_steps() == ([2, 3] if bad == 50 else [2])
+    ckpt.close()
+
+
+def test_restore_latest_without_a_restorable_step_names_every_step(
+    run, tmp_path, caplog, monkeypatch
+):
+    """Every step bad: one error naming the directory and each step with its reason; nothing
+    moved aside (a disk that cannot be read at all must not empty the run)."""
+    _, shardings = run
+    workdir, root = _copy(run, tmp_path)
+    _truncate(os.path.join(root, "3"))
+    _flip(os.path.join(root, "2"))
+    ckpt = Checkpointer(workdir, keep=2)
+    target = abstract_like(_place(_host_state(3), shardings), shardings)
+    message = (
+        rf"no checkpoint in {re.escape(root)} restores \(3: OUT_OF_RANGE: Error reading [^;]*; "
+        rf"2: {re.escape(root)}/2: .* not as saved \(checksum mismatch\); its files are damaged\)"
+    )
+    echoes = []
+    monkeypatch.setattr(sys, "unraisablehook", echoes.append)
+    with caplog.at_level(logging.INFO), pytest.raises(ValueError, match=message) as raised:
+        ckpt.restore_latest(target)
+    gc.collect()
+    assert echoes == []
+    assert "\n" not in str(raised.value)
+    assert _ours(caplog) == []
+    assert sorted(os.listdir(root)) == ["2", "3"]
+    ckpt.close()
+
+    empty = Checkpointer(str(tmp_path / "fresh"), keep=2)
+    assert empty.restore_latest(target) is None
+    empty.close()
+
+
+def test_restore_latest_of_another_train_state_does_not_fall_back(run, tmp_path):
+    """An intact checkpoint of another model is a configuration error: raised for the newest
+    step, never skipped for an older one (which would not match either), nothing moved."""
+    _, shardings = run
+    workdir, root = _copy(run, tmp_path)
+    target = abstract_like(_place(_host_state(3), shardings), shardings)
+    target["params"]["w2"] = target["params"].pop("w")
+    ckpt = Checkpointer(workdir, keep=2)
+    with pytest.raises(ValueError, match=r"checkpoint 3 in .*checkpoints was written for another"):
+        ckpt.restore_latest(target)
+    assert sorted(os.listdir(root)) == ["2", "3"]
+    ckpt.close()
+
+
+def test_after_a_fall_back_the_step_is_saved_again_and_the_damaged_one_kept(run, tmp_path):
+    """orbax no longer lists a step moved aside: the run saves that step number again (orbax
+    skips saves up to its latest step, so a bad step left in place would block them), a second
+    bad copy of it gets another name, and keep=N garbage collection never touches them."""
+    _, shardings = run
+    workdir, root = _copy(run, tmp_path)
+    _flip(os.path.join(root, "3"))
+    state3 = _place(_host_state(3), shardings)
+    target = abstract_like(state3, shardings)
+    ckpt = Checkpointer(workdir, keep=2)
+    assert ckpt.restore_latest(target)[0] == 2
+    first = _tree_snapshot(os.path.join(root, "3.corrupt"))
+
+    ckpt.save(3, state3, _data_state(3))
+    ckpt.wait()
+    assert ckpt.all_steps() == [2, 3]
+    _truncate(os.path.join(root, "3"))
+    assert ckpt.restore_latest(target)[0] == 2
+    second = _tree_snapshot(os.path.join(root, "3.corrupt.1"))
+
+    for step in (3, 4, 5):
+        ckpt.save(step, _place(_host_state(step), shardings), _data_state(step))
+    ckpt.close()
+    assert sorted(os.listdir(root)) == ["3.corrupt", "3.corrupt.1", "4", "5"]
+    assert _tree_snapshot(os.path.join(root, "3.corrupt")) == first
+    assert _tree_snapshot(os.path.join(root, "3.corrupt.1")) == second
+
+    reopened = Checkpointer(workdir, keep=2)
+    assert reopened.all_steps() == [4, 5]
+    step, state, data = reopened.restore_latest(target)
+    assert step == 5
+    _assert_identical(state, _place(_host_state(5), shardings), shardings)
+    assert data == _data_state(5)
+    reopened.close()
+
+
+def test_read_only_restore_latest_falls_back_in_place(run, tmp_path, caplog):
+    _, shardings = run
+    workdir, root = _copy(run, tmp_path)
+    _flip(os.path.join(root, "3"))
+    before = _tree_snapshot(root)
+    ckpt = Checkpointer(workdir, read_only=True)
+    want = _place(_host_state(2), shardings)
+    with caplog.at_level(logging.INFO):
+        step, state, _ = ckpt.restore_latest(abstract_like(want, shardings))
+    ckpt.close()
+    assert step == 2
+    _assert_identical(state, want)
+    [record] = _ours(caplog)
+    assert record.getMessage().endswith("; left in place (read-only), resuming from step 2")
+    assert _tree_snapshot(root) == before
+
+
+def test_restore_of_a_damaged_step_names_its_directory(run, tmp_path):
+    """restore(step) of a damaged step: one line naming the step directory (a flipped byte
+    restored silently, a missing _METADATA passed for another train state, an empty step
+    directory for a missing 'data' item). A checkpoint without checksums (written before they
+    existed) restores as read."""
+    _, shardings = run
+    workdir, root = _copy(run, tmp_path)
+    _flip(os.path.join(root, "3"))
+    os.mkdir(os.path.join(root, "50"))
+    ckpt = Checkpointer(workdir, keep=2)
+    target = abstract_like(_place(_host_state(3), shardings), shardings)
+    with pytest.raises(
+        ValueError, match=rf"^{re.escape(root)}/3: \S+ not as saved \(checksum mismatch\)"
+    ):
+        ckpt.restore(3, target)
+    no_metadata = rf"^{re.escape(root)}/50/state: no readable array metadata"
+    with pytest.raises(ValueError, match=no_metadata):
+        ckpt.restore(50, target)
+
+    shutil.rmtree(os.path.join(root, "2", "checksums"))
+    state, data = ckpt.restore(2, target)
+    _assert_identical(state, _place(_host_state(2), shardings), shardings)
+    assert data == _data_state(2)
+    os.remove(os.path.join(root, "2", "state", "_METADATA"))
+    with pytest.raises(ValueError, match=no_metadata.replace("/50/", "/2/")):
+        ckpt.restore(2, target)
+    ckpt.close()
+
+
+def test_the_echoes_of_failed_reads_are_dropped(monkeypatch, caplog):
+    """What a failed orbax restore leaves behind: tensorstore reads completing after orbax
+    closed its event loop ('Event loop is closed', through sys.unraisablehook: one traceback
+    each) and asyncio's 'Task exception was never retrieved'. Dropped while restore_latest
+    runs; any other unraisable exception or asyncio error still goes through."""
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(u.exc_value))
+    closed = asyncio.new_event_loop()
+    closed.close()
+    with caplog.at_level(logging.INFO), _QuietFailedReads() as quiet:
+        promise, read = ts.Promise.new()
+        read.add_done_callback(lambda _: closed.call_soon_threadsafe(print))
+        quiet.failed()
+        promise.set_result(None)
+        promise, other = ts.Promise.new()
+        other.add_done_callback(lambda _: 1 / 0)
+        promise.set_result(None)
+        logging.getLogger("asyncio").error("Task exception was never retrieved\nfuture: <Task>")
+        logging.getLogger("asyncio").error("something else")
+    assert [type(e) for e in seen] == [ZeroDivisionError]
+    assert [r.getMessage() for r in caplog.records] == ["something else"]
+    assert sys.unraisablehook is not quiet._hook and not logging.getLogger("asyncio").filters
 
 
 def test_abstract_like(mesh8):

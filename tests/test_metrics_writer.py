@@ -1,10 +1,13 @@
-"""MetricWriter: metrics.jsonl records, truncation on resume, TensorBoard events (read back from
-the event files' records), only process 0 writing; read_metrics; plot_metrics' PNG. No jax
-compilation: every test takes well under a second."""
+"""MetricWriter: metrics.jsonl records, truncation on resume, a fresh log for a run restarted
+without a checkpoint, TensorBoard events (read back from the event files' records), only
+process 0 writing; read_metrics (a torn last line dropped, a bad line elsewhere named);
+plot_metrics' PNG. No jax compilation: every test takes well under a second."""
 
 import json
+import logging
 import math
 import os
+import re
 import struct
 
 import jax
@@ -76,10 +79,6 @@ def test_records_are_json_lines_with_the_step(tmp_path):
     ]
     # Plain Python types on disk: int steps, float values (not "1" or numpy reprs).
     assert lines[1] == '{"step": 2, "train/loss": 1.25, "eval/top1": 1.0}'
-
-    # A writer opened without resume_step (a fresh run in the same workdir) appends.
-    _write(tmp_path, [(3, {"train/loss": 1.0})])
-    assert [r["step"] for r in read_metrics(path)] == [1, 2, 3]
 
 
 def test_non_finite_values_are_logged_to_jsonl_but_not_tensorboard(tmp_path):
@@ -154,6 +153,101 @@ def test_resume_at_or_after_the_last_step_keeps_the_file_untouched(tmp_path):
         assert os.stat(path).st_ino == inode  # not rewritten
     MetricWriter(str(tmp_path), resume_step=0).close()
     assert read_metrics(path) == []
+
+
+def test_a_run_restarted_without_a_checkpoint_logs_each_step_once(tmp_path, caplog):
+    """A run killed before its first checkpoint, restarted: the new run starts from step 0
+    (resume_step=None) and removes what the killed one logged (records and event files, one
+    warning), so the log is that of one clean run; other files in tensorboard/ stay."""
+    records = [(s, {"train/loss": 1.0 / s, "train/lr": 0.1 * s}) for s in (1, 2, 3, 4)]
+    clean = tmp_path / "clean"
+    _write(clean, records)
+    run = tmp_path / "run"
+    _write(run, records[:2])  # the killed run (its process gone, its files flushed)
+    (run / "tensorboard" / "notes.txt").write_text("not ours")
+
+    with caplog.at_level(logging.INFO):
+        path = _write(run, records)
+    assert read_metrics(path) == read_metrics(str(clean / "metrics.jsonl"))
+    assert (run / "tensorboard" / "notes.txt").read_text() == "not ours"
+    os.remove(run / "tensorboard" / "notes.txt")
+    assert len(os.listdir(run / "tensorboard")) == 1
+    assert _scalars(str(run)) == _scalars(str(clean))
+    [record] = caplog.records
+    assert record.levelno == logging.WARNING
+    assert record.getMessage().startswith(
+        f"{run}: removing the log of an earlier run that left no checkpoint (metrics.jsonl, "
+        "tensorboard/events.out.tfevents."
+    )
+
+    # Nothing to remove: no warning.
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        _write(tmp_path / "new", records)
+    assert caplog.records == []
+
+
+def test_a_torn_last_line_is_dropped_and_the_run_resumes(tmp_path, caplog):
+    """A crash mid-write leaves a last line without its newline: unparsable, it is dropped with
+    a warning naming the file and the resumed writer's rewrite removes it; complete but
+    unterminated, it is kept and terminated before the next record is appended."""
+    path = _write(tmp_path, [(s, {"a": float(s)}) for s in (1, 2, 3)])
+    with open(path, "a") as f:
+        f.write('{"step": 4, "a": 4.')
+    with caplog.at_level(logging.INFO):
+        assert [r["step"] for r in read_metrics(path)] == [1, 2, 3]
+    [record] = caplog.records
+    assert record.levelno == logging.WARNING
+    assert record.getMessage() == (
+        f'{path}: dropping its torn last line \'{{"step": 4, "a": 4.\' (a write cut short)'
+    )
+
+    writer = MetricWriter(str(tmp_path), resume_step=3)
+    writer.write(4, {"a": 4.5})
+    writer.close()
+    with open(path) as f:
+        lines = f.read().split("\n")
+    assert lines[-1] == "" and [json.loads(line)["step"] for line in lines[:-1]] == [1, 2, 3, 4]
+
+    with open(path, "a") as f:
+        f.write('{"step": 5, "a": 5.0}')
+    writer = MetricWriter(str(tmp_path), resume_step=5)
+    writer.write(6, {"a": 6.0})
+    writer.close()
+    assert [(r["step"], r["a"]) for r in read_metrics(path)] == [
+        (1, 1.0),
+        (2, 2.0),
+        (3, 3.0),
+        (4, 4.5),
+        (5, 5.0),
+        (6, 6.0),
+    ]
+
+
+@pytest.mark.parametrize(
+    "bad, reason",
+    [
+        ('{"step": 2, "a"', r"Expecting ':' delimiter: line 1 column 16 \(char 15\)"),
+        ("[2, 2.0]", "not an object with a step"),
+        ('{"a": 2.0}', "not an object with a step"),
+    ],
+)
+def test_a_bad_line_names_the_file_and_line(tmp_path, bad, reason):
+    """A bad line followed by others (or a complete last line) is no torn write: the file is
+    damaged, and reading, truncating or resuming it says where."""
+    path = _write(tmp_path, [(s, {"a": float(s)}) for s in (1, 2, 3)])
+    with open(path) as f:
+        lines = f.read().splitlines()
+    for at, number in ((1, 2), (2, 3)):
+        with open(path, "w") as f:
+            f.write("\n".join([*lines[:at], bad, *lines[at + 1 :]]) + "\n")
+        message = rf"^{re.escape(path)}:{number}: not a metrics record \({reason}\)$"
+        with pytest.raises(ValueError, match=message):
+            read_metrics(path)
+        with pytest.raises(ValueError, match=message):
+            truncate_after(path, 1)
+        with pytest.raises(ValueError, match=message):
+            MetricWriter(str(tmp_path), resume_step=1)
 
 
 def test_truncate_after_without_a_file_creates_nothing(tmp_path):
