@@ -195,7 +195,7 @@ class Checkpointer:
             saved = checkpointer.metadata(state_dir).item_metadata
         if saved is None:
             raise ValueError(f"{state_dir}: no readable array metadata (missing or damaged)")
-        return _shapes(saved)
+        return tree_utils.shapes(saved)
 
     def restore_subtree(self, step: int, target: dict[str, Any]) -> dict[str, Any]:
         """Restores only the leaves of `target`, a subtree of the saved train state (e.g.
@@ -233,7 +233,7 @@ class Checkpointer:
         """ValueError naming the first arrays that differ in path or shape between checkpoint
         `step` (`on_disk`: its `_saved_shapes`) and `target` (orbax would report the whole
         tree, or restore mismatched shapes)."""
-        here = _shapes(target)
+        here = tree_utils.shapes(target)
         diff = [
             f"{k}: {on_disk.get(k, 'absent')} on disk, {here.get(k, 'absent')} in this run"
             # Parameters first: they say more than their optimizer moments.
@@ -262,13 +262,6 @@ def abstract_like(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
     )
-
-
-def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
-    return {
-        tree_utils.path_str(p): tuple(x.shape)
-        for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
-    }
 
 
 def _mix(x: jax.Array) -> jax.Array:

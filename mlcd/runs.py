@@ -48,11 +48,7 @@ def _local_mesh():
 
 def check_shapes(expected: Any, found: Any, what: str) -> None:
     """Raises naming the first parameter whose saved shape differs from the model's."""
-    flat = lambda tree: {
-        tree_utils.path_str(p): tuple(x.shape)
-        for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
-    }
-    exp, got = flat(expected), flat(found)
+    exp, got = tree_utils.shapes(expected), tree_utils.shapes(found)
     for name in sorted(set(exp) | set(got)):
         if exp.get(name) != got.get(name):
             raise ValueError(

@@ -37,3 +37,8 @@ def first_match(path: str, rules: Sequence[tuple[str, Any]], what: str) -> Any:
         if re.fullmatch(pattern, path):
             return value
     raise ValueError(f"{what}: no rule matches parameter {path!r}; add a catch-all ('.*', ...)")
+
+
+def shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """{path string: shape} of every leaf (arrays, ShapeDtypeStructs or array metadata)."""
+    return {path_str(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
