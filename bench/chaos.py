@@ -1,12 +1,18 @@
 """Chaos test of the trainer: random faults, then resume with the same command, then compare.
 
-    python bench/chaos.py --faults 20 [--seed 0] [--out /tmp/chaos]
+    python bench/chaos.py --faults 20 [--preset clip|mlcd] [--seed 0] [--out /tmp/chaos]
 
-Runs the tiny CLIP preset (shortened: `--steps` steps of batch 32 on a small synthetic_scenes
-build, a checkpoint every 10 steps, a log record every 5) once without faults as the reference,
-then `--faults` times with one random fault each, re-running the same command after the fault
-until the run finishes. Each finished run must equal the reference bit for bit: params and
-optimizer state of the last checkpoint, and every metrics.jsonl record (timing excluded).
+Runs a tiny preset (shortened: `--steps` steps of batch 32 on a small synthetic_scenes build, a
+checkpoint every 10 steps, a log record every 5) once without faults as the reference, then
+`--faults` times with one random fault each, re-running the same command after the fault until
+the run finishes. Each finished run must equal the reference bit for bit: params and optimizer
+state of the last checkpoint, and every metrics.jsonl record (timing excluded).
+
+Presets: clip (configs/clip.py:tiny) and mlcd (configs/mlcd.py:tiny). MLCD needs cluster
+labels: a CLIP run of the same length is the teacher, `python -m mlcd.cluster` (configs/
+cluster.py:tiny) clusters the train split into 64 centers, and the MLCD runs train on those
+labels (joined from memory-mapped label files) with 8 devices (`--devices`), so the centers
+and their optimizer moments are sharded 8 ways. The params compared include the centers.
 
 Faults:
   sigkill           SIGKILL at a random moment (some land during an asynchronous save)
@@ -36,6 +42,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAULTS = ("sigkill", "sigterm", "corrupt_ckpt", "corrupt_shard")
 BUILD = {"train_size": 2048, "validation_size": 64, "test_size": 256, "image_size": 32}
+PRESETS = {"clip": "configs/clip.py:tiny", "mlcd": "configs/mlcd.py:tiny"}
+MLCD_CENTERS = 64  # divisible by the 8 devices the centers are sharded over
 
 
 def overrides(data_dir: str, steps: int) -> list[str]:
@@ -55,16 +63,57 @@ def overrides(data_dir: str, steps: int) -> list[str]:
     return [f"--config.{k}={v}" for k, v in values.items()]
 
 
-def command(data_dir: str, workdir: str, steps: int) -> list[str]:
+def mlcd_overrides(labels: str) -> list[str]:
+    """The MLCD preset's labels and centers, and all its evaluators off (its own list: it has
+    no text tower, hence none of the image-text evaluators `overrides` names)."""
+    sys.path.insert(0, ROOT)
+    from configs import common
+
+    evals = common.load_config(os.path.join(ROOT, PRESETS["mlcd"])).evals
+    values = {
+        "objective.labels": labels,
+        "objective.centers_init": os.path.join(labels, "centroids.npy"),
+        "objective.num_centers": MLCD_CENTERS,
+        **{f"evals.{k}.every": -1 for k in evals},
+    }
+    return [f"--config.{k}={v}" for k, v in values.items()]
+
+
+def command(
+    data_dir: str, workdir: str, steps: int, preset: str = "clip", labels: str | None = None
+) -> list[str]:
+    args = overrides(data_dir, steps)
+    if preset == "mlcd":
+        args = [a for a in args if not a.startswith("--config.evals.")] + mlcd_overrides(labels)
     return [
         sys.executable,
         "-m",
         "mlcd.train",
         "--config",
-        "configs/clip.py:tiny",
+        PRESETS[preset],
         "--workdir",
         workdir,
-        *overrides(data_dir, steps),
+        *args,
+    ]
+
+
+def cluster_command(data_dir: str, teacher: str, out_dir: str) -> list[str]:
+    """k-means labels for MLCD from a CLIP run's image embeddings of the train split."""
+    values = {
+        "teacher.workdir": teacher,
+        "data.data_dir": data_dir,
+        **{f"data.build.{k}": v for k, v in BUILD.items()},
+        "out_dir": out_dir,
+        "kmeans.num_centers": MLCD_CENTERS,
+        "verbose": False,
+    }
+    return [
+        sys.executable,
+        "-m",
+        "mlcd.cluster",
+        "--config",
+        "configs/cluster.py:tiny",
+        *(f"--config.{k}={v}" for k, v in values.items()),
     ]
 
 
@@ -139,6 +188,14 @@ def identical(a: str, b: str, steps: int) -> bool:
     return same_state and records(a) == records(b)
 
 
+def outcome(workdir: str, rc: int) -> str:
+    """What a fault hit: the run's exit status, its preemption message, the checkpoints left."""
+    with open(workdir + ".log", errors="replace") as f:
+        preempted = [line for line in f if line.startswith("preempted (SIGTERM)")]
+    said = f": {preempted[-1].split(';')[0]}" if preempted else ""
+    return f"exit {rc}{said}; checkpoints {steps(workdir)}"
+
+
 def finish(cmd: list[str], limit: int = 5) -> bool:
     """Re-runs the same command until it exits 0 (at most `limit` times)."""
     return any(run(cmd) == 0 for _ in range(limit))
@@ -150,14 +207,39 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--out", default="/tmp/mlcd_chaos")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="clip")
+    parser.add_argument(
+        "--devices",
+        type=int,
+        default=None,
+        help="fake CPU devices per run (XLA_FLAGS); default 8 for mlcd, as inherited for clip",
+    )
     args = parser.parse_args()
+    devices = args.devices or (8 if args.preset == "mlcd" else None)
+    if devices:
+        # Before jax is imported here (final_state): this process restores the runs' checkpoints.
+        os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    t_start = time.perf_counter()
     rng = random.Random(args.seed)
     shutil.rmtree(args.out, ignore_errors=True)
     os.makedirs(args.out)
     data, damaged = os.path.join(args.out, "data"), os.path.join(args.out, "data_damaged")
 
+    labels = None
+    if args.preset == "mlcd":
+        teacher, labels = os.path.join(args.out, "teacher"), os.path.join(args.out, "clusters")
+        assert run(command(data, teacher, args.steps)) == 0, f"teacher run failed: {teacher}.log"
+        with open(labels + ".log", "w") as log:
+            clustered = subprocess.run(
+                cluster_command(data, teacher, labels), cwd=ROOT, stdout=log, stderr=log
+            )
+        assert clustered.returncode == 0, f"clustering failed: {labels}.log"
+    command_for = lambda data_dir, workdir: command(
+        data_dir, workdir, args.steps, args.preset, labels
+    )
+
     ref = os.path.join(args.out, "ref")
-    assert run(command(data, ref, args.steps)) == 0, f"reference run failed: {ref}.log"
+    assert run(command_for(data, ref)) == 0, f"reference run failed: {ref}.log"
     shutil.copytree(data, damaged)
     (shard,) = [
         os.path.join(d, f) for d, _, fs in os.walk(damaged) for f in fs if "train.array_record" in f
@@ -165,7 +247,7 @@ def main() -> None:
     flip_bytes(shard, rng)
     ref_damaged = os.path.join(args.out, "ref_damaged")
     t0 = time.perf_counter()  # a run on a built dataset: the span faults are drawn from
-    assert run(command(damaged, ref_damaged, args.steps)) == 0, f"see {ref_damaged}.log"
+    assert run(command_for(damaged, ref_damaged)) == 0, f"see {ref_damaged}.log"
     run_s = time.perf_counter() - t0
 
     results: dict[str, list[bool]] = {f: [] for f in FAULTS}
@@ -173,22 +255,24 @@ def main() -> None:
         fault = FAULTS[i % len(FAULTS)]
         workdir = os.path.join(args.out, f"{i:02d}_{fault}")
         source, reference = (damaged, ref_damaged) if fault == "corrupt_shard" else (data, ref)
-        cmd = command(source, workdir, args.steps)
+        cmd = command_for(source, workdir)
         if fault == "corrupt_ckpt":
             # Two checkpoints on disk (the older one to fall back to), then SIGKILL, then the
             # newest is damaged.
-            run(cmd, rng.uniform(0.0, 0.3) * run_s, signal.SIGKILL, after_checkpoints=2)
+            rc = run(cmd, rng.uniform(0.0, 0.3) * run_s, signal.SIGKILL, after_checkpoints=2)
+            hit = outcome(workdir, rc)
             flip_bytes(
                 array_files(os.path.join(workdir, "checkpoints", str(steps(workdir)[-1])))[0], rng
             )
         else:
             sig = signal.SIGTERM if fault == "sigterm" else signal.SIGKILL
-            run(cmd, rng.uniform(0.2, 0.9) * run_s, sig)
+            hit = outcome(workdir, run(cmd, rng.uniform(0.2, 0.9) * run_s, sig))
         ok = finish(cmd) and identical(workdir, reference, args.steps)
         results[fault].append(ok)
-        print(f"{i:2d} {fault:<14} {'identical' if ok else 'DIFFERENT: ' + workdir}", flush=True)
+        verdict = "identical" if ok else "DIFFERENT: " + workdir
+        print(f"{i:2d} {fault:<14} {verdict}  ({hit})", flush=True)
 
-    print()
+    print(f"\n{args.preset}, {args.faults} faults, {time.perf_counter() - t_start:.0f} s in all")
     print("| fault | count | identical |\n|---|---:|---:|")
     for fault, oks in results.items():
         print(f"| {fault} | {len(oks)} | {sum(oks)}/{len(oks)} |")

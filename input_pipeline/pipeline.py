@@ -5,19 +5,20 @@
       .shuffle(seed).repeat()                 a fresh permutation every epoch
       .map_with_index(decode, ops)            decode 'image'; config.pp.ops (transforms.py), each
                                               op seeded by (seed, op, position in the stream)
-      -> iter: drop unreadable records and undecodable images (counted, at most
-         config.data.max_skipped), keep the objective's input fields, batch(host_batch)
+      -> iter: drop unreadable records and undecodable images (counted as they are consumed,
+         at most config.data.max_skipped), keep the objective's input fields, batch(host_batch)
 
-Every random choice is a function of (seed, op, position in the stream), so the only state
-needed to resume exactly is the iterator position, which `get_state()` returns (grain accounts
-for elements prefetched but not yet consumed). It goes into each checkpoint.
+Every random choice is a function of (seed, op, position in the stream), so the state needed to
+resume exactly is the iterator position (grain accounts for elements prefetched but not yet
+consumed) and the count of examples dropped so far, which `get_state()` returns. It goes into
+each checkpoint.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
-import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,67 +31,73 @@ from input_pipeline import preprocess, transforms
 from input_pipeline.tokenizers import Tokenizer
 
 
+@dataclasses.dataclass(frozen=True)
+class _Dropped:
+    """Stands in the stream for an example that could not be read or decoded (`what` says
+    which), so it is counted when it is consumed, in stream order, not when a prefetch thread
+    meets it: the count is then a function of the checkpointed position."""
+
+    what: str
+
+
 class _SkipCounter:
-    """Thread-safe count of examples dropped because their record could not be read or their
-    image decoded; past `limit` the run stops (config.data.max_skipped)."""
+    """Count of dropped examples among those consumed (a filter on the consuming thread); past
+    `limit` the run stops (config.data.max_skipped)."""
 
     def __init__(self, limit: int):
-        self._lock = threading.Lock()
         self.count = 0
         self.limit = limit
 
-    def add(self, what: str) -> None:
-        """Counts one dropped example; ValueError naming it once the limit is passed."""
-        with self._lock:
-            self.count += 1
-            if self.count > self.limit:
-                raise ValueError(
-                    f"{self.count} examples could not be read or decoded, more than "
-                    f"config.data.max_skipped={self.limit}; the last: {what}"
-                )
+    def keep(self, element: dict[str, Any] | _Dropped) -> bool:
+        """False (and counted) for a dropped example; ValueError naming it past the limit."""
+        if not isinstance(element, _Dropped):
+            return True
+        self.count += 1
+        if self.count > self.limit:
+            raise ValueError(
+                f"{self.count} examples could not be read or decoded, more than "
+                f"config.data.max_skipped={self.limit}; the last: {element.what}"
+            )
+        return False
 
 
 class _SkippingSource:
     """The split's data source, where a record that cannot be read (a corrupted shard: e.g.
-    a Riegeli chunk hash mismatch) reads as None, dropped and counted like an undecodable
+    a Riegeli chunk hash mismatch) reads as _Dropped, dropped and counted like an undecodable
     image. Corruption is static, so a resumed run drops exactly the same records."""
 
-    def __init__(self, source, skipped: _SkipCounter, where: str):
+    def __init__(self, source, where: str):
         self._source = source
-        self._skipped = skipped
         self._where = where
 
     def __len__(self) -> int:
         return len(self._source)
 
-    def __getitem__(self, index: int) -> dict[str, Any] | None:
+    def __getitem__(self, index: int) -> dict[str, Any] | _Dropped:
         try:
             return self._source[index]
         except Exception as e:
             what = f"record {index} of {self._where}: {str(e).splitlines()[0] if str(e) else e!r}"
             logging.warning("skipping unreadable %s", what)
-            self._skipped.add(what)
-            return None
+            return _Dropped(what)
 
 
 class _Example:
-    """Decodes one example's image and runs the ops; None (dropped downstream) if the image
-    cannot be decoded. Returns only the `fields` the batch keeps."""
+    """Decodes one example's image and runs the ops; _Dropped (counted and dropped
+    downstream) if the image cannot be decoded. Returns only the `fields` the batch keeps."""
 
-    def __init__(self, chain: transforms.Chain, fields: Sequence[str], skipped: _SkipCounter):
+    def __init__(self, chain: transforms.Chain, fields: Sequence[str]):
         self._chain = chain
         self._fields = tuple(fields)
-        self._skipped = skipped
 
-    def __call__(self, position: int, example: dict[str, Any]) -> dict[str, Any] | None:
-        if example is None:  # an unreadable record (_SkippingSource)
-            return None
+    def __call__(self, position: int, example: dict[str, Any] | _Dropped) -> Any:
+        if isinstance(example, _Dropped):  # an unreadable record (_SkippingSource)
+            return example
         try:
             image = preprocess.decode_image(example["image"])
         except Exception as e:
             logging.warning("skipping example %r: unreadable image (%s)", example.get("id"), e)
-            self._skipped.add(f"example {example.get('id')!r}: unreadable image ({e})")
-            return None
+            return _Dropped(f"example {example.get('id')!r}: unreadable image ({e})")
         example = self._chain({**example, "image": image}, position)
         return {k: example[k] for k in self._fields}
 
@@ -99,14 +106,15 @@ def _with_index(num_examples: int, index: int, example: dict[str, Any]) -> dict[
     """The example with its index in the split (e.g. its row in a label store). grain passes
     the element's position in the stream, epoch * num_examples + i after .repeat(), and the
     source reads source[index % num_examples]: so does this."""
-    return None if example is None else {**example, "index": index % num_examples}
+    return example if isinstance(example, _Dropped) else {**example, "index": index % num_examples}
 
 
 class TrainIterator:
     """Infinite iterator over host batches {field: array [b, ...]} of the objective's input
     fields (e.g. 'image' uint8 [b, S, S, 3] and 'tokens' int32 [b, L]), built by config.pp.ops.
 
-    `get_state()` / `set_state()` checkpoint the position; `skipped` counts dropped examples.
+    `get_state()` / `set_state()` checkpoint the position and `skipped`, the number of dropped
+    examples consumed so far.
     """
 
     def __init__(
@@ -144,10 +152,8 @@ class TrainIterator:
                 f"one global batch ({process_count * host_batch_size})"
             )
         self.skipped_counter = _SkipCounter(int(data.max_skipped))
-        source = _SkippingSource(
-            source, self.skipped_counter, f"split {data.split!r} in {builder.data_dir}"
-        )
-        example = _Example(transforms.Chain(ops, config.seed), fields, self.skipped_counter)
+        source = _SkippingSource(source, f"split {data.split!r} in {builder.data_dir}")
+        example = _Example(transforms.Chain(ops, config.seed), fields)
         ds = (
             grain.MapDataset.source(source)
             # Before the per-host slice: the index in the split, not in this host's shard.
@@ -160,7 +166,13 @@ class TrainIterator:
         options = grain.ReadOptions(
             num_threads=data.num_threads, prefetch_buffer_size=data.prefetch
         )
-        batches = ds.to_iter_dataset(options).batch(host_batch_size, drop_remainder=True)
+        batches = (
+            ds.to_iter_dataset(options)
+            # Runs on the consuming thread, in stream order (the map above runs ahead on
+            # prefetch threads).
+            .filter(self.skipped_counter.keep)
+            .batch(host_batch_size, drop_remainder=True)
+        )
         self._it = iter(batches)
 
     @property
@@ -174,7 +186,10 @@ class TrainIterator:
         return next(self._it)
 
     def get_state(self) -> dict[str, Any]:
-        return self._it.get_state()
+        return {"position": self._it.get_state(), "skipped": self.skipped_counter.count}
 
     def set_state(self, state: dict[str, Any]) -> None:
-        self._it.set_state(state)
+        """A state of `get_state`, or a bare grain position (checkpoints written before the
+        count was part of the state: it restarts at 0)."""
+        self._it.set_state(state["position"] if "position" in state else state)
+        self.skipped_counter.count = int(state.get("skipped", 0))

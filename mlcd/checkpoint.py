@@ -8,7 +8,8 @@ after that (a bad disk, a truncated copy) are another matter: orbax reads a trun
 with hundreds of tracebacks, and a flipped byte in an array's data without any error at all (its
 chunks carry no checksum), hence the checksums, verified on every restore. `restore_latest`
 resumes from the newest checkpoint that restores and moves the damaged ones aside. Export and
-evaluation read only a subtree of `state` (`restore_subtree`: the encoder's parameters).
+evaluation read only a subtree of `state` (`restore_subtree`: the encoder's parameters), whose
+checksums are verified the same way.
 """
 
 from __future__ import annotations
@@ -165,26 +166,39 @@ class Checkpointer:
         """orbax's restore of step `step`, then its checksums compared with the restored arrays
         and data state (checkpoints written before there were checksums are taken as read)."""
         items = {"state": ocp.args.StandardRestore(target), "data": ocp.args.JsonRestore()}
-        has_checksums = os.path.isdir(os.path.join(self._step_dir(step), "checksums"))
+        has_checksums = self._has_checksums(step)
         if has_checksums:
             items["checksums"] = ocp.args.JsonRestore()
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         if has_checksums:
-            saved = restored.checksums
-            here = {
-                "state": _state_checksums(restored.state),
-                "data": _data_checksum(restored.data),
-            }
-            if saved != here:
-                differ = [
-                    k for k in sorted(here["state"]) if saved["state"].get(k) != here["state"][k]
-                ]
-                differ += ["the data state"] * (saved["data"] != here["data"])
-                raise ValueError(
-                    f"{self._step_dir(step)}: {', '.join(differ[:3]) or 'the checksums item'} "
-                    "not as saved (checksum mismatch); its files are damaged"
-                )
+            self._verify(step, restored.checksums, restored.state, restored.data)
         return restored.state, restored.data
+
+    def _has_checksums(self, step: int) -> bool:
+        """Whether checkpoint `step` carries checksums (those written before they existed do
+        not, and are taken as read)."""
+        return os.path.isdir(os.path.join(self._step_dir(step), "checksums"))
+
+    def _verify(
+        self,
+        step: int,
+        saved: dict[str, Any],
+        state: dict[str, Any],
+        data_state: dict[str, Any] | None = None,
+    ) -> None:
+        """ValueError naming the step directory and the first arrays of `state` (the whole
+        train state, or a subtree of it) whose checksum differs from the one saved with
+        checkpoint `step`, or the data state's (when given)."""
+        here = _state_checksums(state)
+        differ = [k for k in sorted(here) if saved["state"].get(k) != here[k]]
+        if data_state is not None:  # the whole state: the checksums item lists its arrays
+            differ += ["the data state"] * (saved["data"] != _data_checksum(data_state))
+            differ += ["the checksums item"] * (not differ and set(saved["state"]) != set(here))
+        if differ:
+            raise ValueError(
+                f"{self._step_dir(step)}: {', '.join(differ[:3])} not as saved (checksum "
+                "mismatch); its files are damaged"
+            )
 
     def _saved_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
         """{array path: shape} of checkpoint `step`, from its metadata. orbax returns no
@@ -205,27 +219,33 @@ class Checkpointer:
         parameters `target` leaves out (orbax's partial restore: PyTreeRestore with
         partial_restore=True reads the leaves of `item` and skips the rest of the checkpoint).
         Raises naming the first leaf of `target` the checkpoint does not hold (orbax would
-        return such a leaf unrestored, as its ShapeDtypeStruct). For read_only Checkpointers:
-        one that has saved has bound `state` to StandardSave's handler, which orbax then
-        refuses to pair with PyTreeRestore.
+        return such a leaf unrestored, as its ShapeDtypeStruct), and, as `restore`, naming the
+        step directory when a leaf read is not as saved (checksum mismatch). For read_only
+        Checkpointers: one that has saved has bound `state` to StandardSave's handler, which
+        orbax then refuses to pair with PyTreeRestore.
         """
-        restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.PyTreeRestore(
-                    item=target,
-                    restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                    partial_restore=True,
-                )
-            ),
-        ).state
-        for path, leaf in jax.tree_util.tree_flatten_with_path(restored)[0]:
+        items = {
+            "state": ocp.args.PyTreeRestore(
+                item=target,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                partial_restore=True,
+            )
+        }
+        # The checksums of the leaves read are verified as restore() verifies all of them: a
+        # flipped byte in an array file reads without any error from orbax.
+        has_checksums = self._has_checksums(step)
+        if has_checksums:
+            items["checksums"] = ocp.args.JsonRestore()
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        for path, leaf in jax.tree_util.tree_flatten_with_path(restored.state)[0]:
             if isinstance(leaf, jax.ShapeDtypeStruct):
                 raise ValueError(
                     f"checkpoint {step} in {self.directory} has no {tree_utils.path_str(path)!r} "
                     "(a checkpoint from a different model?)"
                 )
-        return restored
+        if has_checksums:
+            self._verify(step, restored.checksums, restored.state)
+        return restored.state
 
     def _check_matches(
         self, step: int, on_disk: dict[str, tuple[int, ...]], target: dict[str, Any]

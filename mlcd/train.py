@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import logging
 import os
@@ -34,7 +35,7 @@ from configs import common as config_lib
 from input_pipeline import datasets
 from input_pipeline.pipeline import TrainIterator
 from input_pipeline.tokenizers import load_tokenizer
-from mlcd import cli, evaluators, sharding, train_state
+from mlcd import cli, evaluators, label_store, sharding, train_state
 from mlcd.checkpoint import Checkpointer, abstract_like
 from mlcd.encoder import Encoder
 from mlcd.metrics_writer import MetricWriter, plot_metrics, read_metrics
@@ -71,12 +72,72 @@ RESUMABLE_CHANGES = (
 PREEMPTED_EXIT = 143
 
 
-class Preempted(Exception):
-    """SIGTERM arrived; the state of `step` is checkpointed and the run can be resumed."""
+class Preempted(BaseException):
+    """SIGTERM arrived; the state of `step` is checkpointed and the run can be resumed (step
+    None: during start-up, before the first step, when every state is on disk already).
 
-    def __init__(self, step: int):
-        super().__init__(f"preempted (SIGTERM) at step {step}: checkpoint saved")
+    A BaseException, like KeyboardInterrupt: during start-up the signal handler raises it
+    wherever the main thread is, and library code that wraps or retries on an Exception (tfds
+    prefixes the message of one raised while it encodes an example) must let it through.
+    """
+
+    def __init__(self, step: int | None):
+        super().__init__(
+            f"preempted (SIGTERM) at step {step}: checkpoint saved"
+            if step is not None
+            else "preempted (SIGTERM) during start-up, before the first step: nothing to save"
+        )
         self.step = step
+
+
+class _Preemption:
+    """SIGTERM handling of one train_and_evaluate call, from its first line on.
+
+    During start-up (distributed set-up, data build, model, restore, evaluators) the state is
+    the initial one or a restored checkpoint, so there is nothing to save: SIGTERM raises
+    Preempted at once, wherever the main thread is, so that a long data build stops now (its
+    pool and temporary directory cleaned up) rather than after the grace period; only the
+    `deferred()` sections, which write files, finish first. From `start_loop()` on it only sets
+    `requested`: the loop finishes the step, checkpoints it and raises Preempted.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._in_loop = False
+        self._deferring = 0
+
+    def __call__(self, signum, frame) -> None:
+        self.requested = True
+        if not self._in_loop and not self._deferring:
+            raise Preempted(None)
+
+    @contextlib.contextmanager
+    def deferred(self):
+        """A start-up section that SIGTERM must not cut short; Preempted follows it."""
+        self._deferring += 1
+        try:
+            yield
+        finally:
+            self._deferring -= 1
+        if self.requested and not self._in_loop and not self._deferring:
+            raise Preempted(None)
+
+    def start_loop(self) -> None:
+        self._in_loop = True
+
+
+@contextlib.contextmanager
+def _preemption_handler():
+    """Installs a _Preemption as the SIGTERM handler while the block runs."""
+    preemption = _Preemption()
+    # Signal handlers can only be set from the main thread (a library caller may be another).
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous_handler = signal.signal(signal.SIGTERM, preemption) if in_main_thread else None
+    try:
+        yield preemption
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous_handler)
 
 
 class Diverged(ValueError):
@@ -114,7 +175,11 @@ def check_resume_config(path: str, config: ml_collections.ConfigDict, allowed=()
     """Refuses to resume a run whose config.json (`path`) differs from `config` in a key that
     changes results (anything but RESUMABLE_CHANGES and the `allowed` keys), naming them."""
     with open(path) as f:
-        changed = config_lib.changed_keys(json.load(f), config, (*RESUMABLE_CHANGES, *allowed))
+        try:
+            saved = json.load(f)
+        except ValueError as e:  # the message alone names no file
+            raise ValueError(f"{path}: not a config (invalid JSON: {e})") from None
+    changed = config_lib.changed_keys(saved, config, (*RESUMABLE_CHANGES, *allowed))
     if changed:
         listed = "; ".join(f"config.{k}={new!r} (was {old!r})" for k, old, new in changed[:5])
         raise ValueError(
@@ -143,9 +208,25 @@ def train_and_evaluate(
     and Diverged after config.nonfinite.max_consecutive non-finite steps in a row.
     """
     check_config(config)
+    # Before anything is built: a SIGTERM during start-up (which can last minutes: a data
+    # build, a restore) is a preemption too, not the default action (rc -15, no message).
+    with _preemption_handler() as preemption:
+        return _train_and_evaluate(config, workdir, allow_config_change, preemption)
+
+
+def _train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    allow_config_change: tuple[str, ...],
+    preemption: _Preemption,
+) -> dict[str, float]:
     # ---- Distributed set-up and mesh ------------------------------------------------------
     if config.distributed.enabled:
         initialize_distributed(config.distributed)
+        # jax.distributed installs a SIGTERM handler of its own (its preemption notifier, which
+        # the loop does not poll): the trainer's takes the signal back.
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, preemption)
     mesh = sharding.make_mesh(config.mesh)
     sharding.check_batch_divisible(config.batch_size, mesh, "config.batch_size")
     microbatches = config.microbatches
@@ -190,8 +271,10 @@ def train_and_evaluate(
     if ckpt.latest_step() is not None and os.path.exists(config_path):
         check_resume_config(config_path, config, allow_config_change)
     if jax.process_index() == 0:
-        with open(config_path, "w") as f:
-            f.write(config.to_json(indent=2))
+        # Replaced atomically: the other hosts may be reading it (check_resume_config above),
+        # and a torn config.json would block every later resume.
+        with preemption.deferred(), label_store.atomic_file(config_path) as f:
+            f.write(config.to_json(indent=2).encode())
     train_iter = TrainIterator(
         builder,
         config,
@@ -208,20 +291,23 @@ def train_and_evaluate(
     num_params = sum(x.size for x in jax.tree.leaves(train_state.model_params(state["params"])))
     # The newest checkpoint that restores; a damaged one is moved aside (never deleted) with a
     # warning, and the one before it is used.
-    resumed = ckpt.restore_latest(abstract_like(state, shardings))
-    resume_step = None if resumed is None else resumed[0]
-    # Per-step metrics since the last log record: checkpointed with the data position, so the
-    # first record after a resume averages the same steps as the uninterrupted run's.
-    log_metrics: list[dict[str, Any]] = []
-    if resumed is not None:
-        _, state, data_state = resumed
-        # Checkpoints written before the metrics were saved hold the iterator state alone.
-        train_iter.set_state(data_state.get("iterator", data_state))
-        log_metrics = [
-            {k: np.float32(v) for k, v in m.items()} for m in data_state.get("pending_metrics", [])
-        ]
-        logging.info("resumed from step %d", resume_step)
-    writer = MetricWriter(workdir, resume_step=resume_step)
+    # Deferred: a restore moves damaged steps aside and the writer rewrites metrics.jsonl.
+    with preemption.deferred():
+        resumed = ckpt.restore_latest(abstract_like(state, shardings))
+        resume_step = None if resumed is None else resumed[0]
+        # Per-step metrics since the last log record: checkpointed with the data position, so
+        # the first record after a resume averages the same steps as the uninterrupted run's.
+        log_metrics: list[dict[str, Any]] = []
+        if resumed is not None:
+            _, state, data_state = resumed
+            # Checkpoints written before the metrics were saved hold the iterator state alone.
+            train_iter.set_state(data_state.get("iterator", data_state))
+            log_metrics = [
+                {k: np.float32(v) for k, v in m.items()}
+                for m in data_state.get("pending_metrics", [])
+            ]
+            logging.info("resumed from step %d", resume_step)
+        writer = MetricWriter(workdir, resume_step=resume_step)
 
     def save(step: int) -> None:
         pending = [{k: float(v) for k, v in m.items()} for m in jax.device_get(log_metrics)]
@@ -292,20 +378,17 @@ def train_and_evaluate(
                     "resume from the last checkpoint"
                 )
 
-    # SIGTERM (preemption on TPU/GKE/SLURM): finish the current step, checkpoint it, exit with
-    # PREEMPTED_EXIT. Hosts agree on the step: each host's flag is combined at log steps.
-    preempt = {"requested": False}
-    on_term = lambda signum, frame: preempt.update(requested=True)
-    # Signal handlers can only be set from the main thread (a library caller may be another).
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous_handler = signal.signal(signal.SIGTERM, on_term) if in_main_thread else None
+    # SIGTERM (preemption on TPU/GKE/SLURM) from here on: finish the current step, checkpoint
+    # it, exit with PREEMPTED_EXIT. Hosts agree on the step: each host's flag is combined at
+    # log steps.
+    preemption.start_loop()
 
     def preempted() -> bool:
         if jax.process_count() == 1:
-            return preempt["requested"]
+            return preemption.requested
         if step % config.log_every:
             return False
-        flags = multihost_utils.process_allgather(np.int32(preempt["requested"]))
+        flags = multihost_utils.process_allgather(np.int32(preemption.requested))
         return bool(np.max(flags))
 
     # Order within a step: log, evaluate, then checkpoint. Everything metrics.jsonl holds up to
@@ -366,8 +449,6 @@ def train_and_evaluate(
                 writer.write(step, final)
                 save(step)
     finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous_handler)
         bar.close()
         ckpt.close()  # waits for pending asynchronous saves
         writer.close()

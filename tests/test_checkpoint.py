@@ -539,3 +539,28 @@ def test_abstract_like(mesh8):
     assert out["a"].sharding == shardings["a"] and out["b"]["c"].sharding == shardings["b"]["c"]
     with pytest.raises(ValueError):
         abstract_like(tree, {"a": shardings["a"]})  # shardings must match the tree
+
+
+def test_restore_subtree_verifies_the_checksums_of_what_it_reads(run, tmp_path):
+    """Export and evaluation read subtrees: a flipped byte in an array file (which orbax reads
+    without an error) is a ValueError naming the step directory and the array, as in restore;
+    the leaves of an intact step, or a checkpoint without checksums, restore as read."""
+    _, shardings = run
+    workdir, root = _copy(run, tmp_path)
+    _flip(os.path.join(root, "3"))  # the file of the 1 MiB optimizer moment
+    ckpt = Checkpointer(workdir, read_only=True)
+    moment = {"opt_state": {"mu": abstract_like(_host_state(3), shardings)["opt_state"]["mu"]}}
+    with pytest.raises(
+        ValueError,
+        match=rf"^{re.escape(root)}/3: opt_state/mu not as saved \(checksum mismatch\); its "
+        "files are damaged$",
+    ):
+        ckpt.restore_subtree(3, moment)
+    got = ckpt.restore_subtree(2, moment)
+    np.testing.assert_array_equal(
+        np.asarray(got["opt_state"]["mu"]), _host_state(2)["opt_state"]["mu"]
+    )
+    shutil.rmtree(os.path.join(root, "3", "checksums"))  # as written before checksums existed
+    got = ckpt.restore_subtree(3, moment)
+    assert not np.array_equal(np.asarray(got["opt_state"]["mu"]), _host_state(3)["opt_state"]["mu"])
+    ckpt.close()

@@ -156,14 +156,20 @@ def test_corrupted_shard_records_are_skipped_and_counted(scenes_builder, tmp_pat
         f.write(bytes(b ^ 0xFF for b in chunk))
     config = _with_ops(root, ["random_resized_crop"])
     it = _iterator(builder, config, None, fields=("image",), host_batch_size=16)
-    first = _take(it, 10)
-    state = it.get_state()
-    rest = _take(it, 10)  # more than an epoch in all
-    assert it.skipped > 0 and all(b["image"].shape == (16, 32, 32, 3) for b in first + rest)
+    first = _take(it, 20)  # more than an epoch (256 examples): past the damaged records
+    state, skipped_at_state = it.get_state(), it.skipped
+    rest = _take(it, 20)
+    assert it.skipped > skipped_at_state > 0
+    assert all(b["image"].shape == (16, 32, 32, 3) for b in first + rest)
+    # The count is of consumed examples (not of those prefetch threads ran into): it is part
+    # of the state, so a resumed run counts exactly what the uninterrupted one does.
+    assert state["skipped"] == skipped_at_state
     resumed = _iterator(builder, config, None, fields=("image",), host_batch_size=16)
     resumed.set_state(state)
-    for a, b in zip(rest, _take(resumed, 10), strict=True):
+    assert resumed.skipped == skipped_at_state
+    for a, b in zip(rest, _take(resumed, 20), strict=True):
         np.testing.assert_array_equal(a["image"], b["image"])
+    assert resumed.skipped == it.skipped
     strict = _with_ops(root, ["random_resized_crop"], **{"data.max_skipped": 0})
     with pytest.raises(
         ValueError,

@@ -3,6 +3,7 @@ names it, and a SIGKILLed run resumes to exactly the result of an uninterrupted 
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -199,9 +200,9 @@ def test_resume_with_another_config_is_refused_naming_the_keys(scenes_dir, tmp_p
     assert json.loads((tmp_path / "run" / "config.json").read_text())["total_steps"] == 3
 
 
-def _interrupt(args, run_dir, sig):
-    """Starts the run, sends `sig` as soon as its first checkpoint (step 10) is on disk, waits;
-    returns the exit status."""
+def _interrupt(args, run_dir, sig, first_ckpt_step=10):
+    """Starts the run, sends `sig` as soon as its first checkpoint (`first_ckpt_step`) is on
+    disk, waits; returns the exit status and stderr."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlcd.train", *args, "--workdir", run_dir],
         cwd=ROOT,
@@ -210,7 +211,7 @@ def _interrupt(args, run_dir, sig):
         stderr=subprocess.PIPE,
         text=True,
     )
-    first_ckpt = os.path.join(run_dir, "checkpoints", "10")
+    first_ckpt = os.path.join(run_dir, "checkpoints", str(first_ckpt_step))
     deadline = time.time() + 300
     while not os.path.isdir(first_ckpt) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -265,9 +266,40 @@ def _without_timing(records):
 
 
 def _final_state(workdir, step):
-    mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
-    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    """params and opt_state of a run's checkpoint, on one device (whatever the processes and
+    devices that wrote it: orbax needs a target to restore another topology's checkpoint)."""
+    import jax
+
+    mngr = ocp.CheckpointManager(
+        os.path.join(workdir, "checkpoints"),
+        item_handlers={"state": ocp.StandardCheckpointHandler()},
+    )
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+        mngr.item_metadata(step)["state"],
+    )
+    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+    mngr.close()
     return {k: restored.state[k] for k in ("params", "opt_state")}
+
+
+def _assert_same_run(run_dir, ref_dir, steps):
+    """Bit for bit the same params and optimizer state at `steps`, and the same metrics.jsonl
+    records (timing excluded)."""
+    import jax
+
+    ref = jax.tree_util.tree_flatten_with_path(_final_state(ref_dir, steps))[0]
+    got = jax.tree_util.tree_flatten_with_path(_final_state(run_dir, steps))[0]
+    assert [p for p, _ in got] == [p for p, _ in ref]
+    for (path, a), (_, b) in zip(got, ref, strict=True):
+        np.testing.assert_array_equal(
+            np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path)
+        )
+    run_metrics = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+    ref_metrics = read_metrics(os.path.join(ref_dir, "metrics.jsonl"))
+    assert _without_timing(run_metrics) == _without_timing(ref_metrics)
+    return [jax.tree_util.keystr(p) for p, _ in ref]
 
 
 def _leaves(tree):
@@ -319,3 +351,177 @@ def test_two_process_run(scenes_dir, tmp_path):
     assert len(losses) == 2 and all(np.isfinite(losses))  # written once, by host 0
     assert 0.0 <= records[-1]["retrieval/test/i2t_r1"] <= 1.0
     assert os.path.isdir(os.path.join(workdir, "checkpoints", "2"))
+
+
+def test_sigterm_during_start_up_exits_143_and_leaves_nothing_behind(tmp_path):
+    """SIGTERM before the first step (here while the dataset is being generated, the longest
+    start-up phase) used to take the default action: rc -15, no message. It is a preemption
+    like any other: exit status PREEMPTED_EXIT at once, with nothing to save, and the data
+    build's temporary directory removed (a later run builds the data again)."""
+    data_dir = tmp_path / "data"
+    build = {"train_size": 1500, "validation_size": 16, "test_size": 16, "image_size": 16}
+    overrides = tiny_overrides(str(data_dir), **{f"data.build.{k}": v for k, v in build.items()})
+    run_dir = tmp_path / "run"
+    args = ["--config", "configs/clip.py:tiny", *overrides, "--workdir", str(run_dir)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlcd.train", *args],
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    generating = lambda: list(data_dir.glob("synthetic_scenes/*/incomplete.*"))
+    deadline = time.time() + 300
+    while not generating() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before the data build started"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == train.PREEMPTED_EXIT, err[-3000:]
+    assert "preempted (SIGTERM) during start-up, before the first step: nothing to save" in err
+    assert "Traceback" not in err, err[-3000:]
+    assert generating() == []
+    assert not (run_dir / "checkpoints").exists() or not os.listdir(run_dir / "checkpoints")
+
+
+def _two_process_commands(args, workdir):
+    """(command, env) of two local processes x 4 CPU devices that form one 8-device mesh
+    (jax.distributed + gloo)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = _env()
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    distributed = [
+        "--config.distributed.enabled=True",
+        f"--config.distributed.coordinator_address=localhost:{port}",
+        "--config.distributed.num_processes=2",
+    ]
+    return [
+        (
+            [
+                sys.executable,
+                "-m",
+                "mlcd.train",
+                *args,
+                "--workdir",
+                workdir,
+                *distributed,
+                f"--config.distributed.process_id={i}",
+            ],
+            env,
+        )
+        for i in range(2)
+    ]
+
+
+def _mlcd_args(scenes_builder, scenes_dir, tmp_path, **extra):
+    """configs/mlcd.py:tiny on SMALL_SCENES with random labels of 256 centers (sharded over
+    the 8 devices with their optimizer moments) joined from memory-mapped label files."""
+    labels_dir = random_cluster_output(
+        str(tmp_path / "clusters"), dataset_ids(scenes_builder), 256, 8, 128
+    )
+    return ["--config", "configs/mlcd.py:tiny", *mlcd_overrides(scenes_dir, labels_dir, **extra)]
+
+
+def test_mlcd_run_sigkilled_then_resumed_matches_uninterrupted_run(
+    scenes_builder, scenes_dir, tmp_path
+):
+    """An MLCD run SIGKILLed after its first checkpoint resumes bit for bit: params (the
+    encoder and the sharded centers), optimizer state, the label join's position and every
+    metrics.jsonl record. The reference and the resume run in this process (cheaper), the
+    killed run in its own."""
+    steps = 12
+    args = _mlcd_args(
+        scenes_builder,
+        scenes_dir,
+        tmp_path,
+        total_steps=steps,
+        ckpt_every=3,
+        log_every=2,
+        **{"optim.warmup_steps": 2},
+    )
+    config = lambda: _config(args[1], args[2:])
+    ref_dir, run_dir = str(tmp_path / "ref"), str(tmp_path / "run")
+    train.train_and_evaluate(config(), ref_dir)
+
+    rc, err = _interrupt(args, run_dir, signal.SIGKILL, first_ckpt_step=3)
+    assert rc == -signal.SIGKILL, err[-3000:]
+    done = [int(d) for d in os.listdir(os.path.join(run_dir, "checkpoints")) if d.isdigit()]
+    assert max(done) < steps, "the run finished before it could be killed"
+    train.train_and_evaluate(config(), run_dir)
+    paths = _assert_same_run(run_dir, ref_dir, steps)
+    assert "['params']['heads']['centers']" in paths
+    assert "['opt_state'][1][0]['mu']['heads']['centers']" in paths
+
+
+def test_two_process_mlcd_run_preempted_on_one_host_resumes_exactly(
+    scenes_builder, scenes_dir, tmp_path
+):
+    """SIGTERM to one of the two processes of a run: the hosts agree at the next log step,
+    both checkpoint it and exit with PREEMPTED_EXIT, and the relaunch equals an uninterrupted
+    2-process run bit for bit. (A 1-process run is not a reference: each host reads its own
+    part of the data, so the batches differ.)"""
+    steps = 14
+    args = _mlcd_args(
+        scenes_builder,
+        scenes_dir,
+        tmp_path,
+        total_steps=steps,
+        ckpt_every=3,
+        log_every=2,
+        **{"optim.warmup_steps": 2},
+    )
+    launches = []
+
+    def start(workdir):
+        """The two processes, their stderr to files (a full pipe would block one of them while
+        the other waits for it in a collective)."""
+        logs = [str(tmp_path / f"launch{len(launches)}_{i}.log") for i in range(2)]
+        with open(logs[0], "w") as err0, open(logs[1], "w") as err1:
+            procs = [
+                subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err)
+                for (cmd, env), err in zip(_two_process_commands(args, workdir), (err0, err1))
+            ]
+        launches.append(procs)
+        return procs
+
+    def finish(procs):
+        """Exit statuses and the stderr of both processes."""
+        codes = [p.wait(timeout=600) for p in procs]
+        i = launches.index(procs)
+        errs = [(tmp_path / f"launch{i}_{j}.log").read_text() for j in range(2)]
+        return codes, errs
+
+    ref_dir, run_dir = str(tmp_path / "ref"), str(tmp_path / "run")
+    codes, errs = finish(start(ref_dir))
+    assert codes == [0, 0], errs[0][-2000:] + errs[1][-2000:]
+
+    procs = start(run_dir)
+    first_ckpt = os.path.join(run_dir, "checkpoints", "3")
+    deadline = time.time() + 300
+    while not os.path.isdir(first_ckpt) and procs[1].poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    procs[1].send_signal(signal.SIGTERM)  # host 1 only: host 0 learns of it at the log step
+    codes, errs = finish(procs)
+    assert codes == [train.PREEMPTED_EXIT] * 2, errs[0][-2000:] + errs[1][-2000:]
+    for err in errs:
+        assert "preempted (SIGTERM) at step" in err and "re-run the same command" in err
+    done = [int(d) for d in os.listdir(os.path.join(run_dir, "checkpoints")) if d.isdigit()]
+    assert max(done) < steps, "the run finished before it could be preempted"
+
+    codes, errs = finish(start(run_dir))
+    assert codes == [0, 0], errs[0][-2000:] + errs[1][-2000:]
+    _assert_same_run(run_dir, ref_dir, steps)
+
+
+def test_an_unreadable_config_json_is_named(tmp_path):
+    """A torn or emptied config.json (a crash or a concurrent write used to leave one: now it
+    is replaced atomically) is an error naming the file, not JSON's bare 'Expecting value'."""
+    path = tmp_path / "config.json"
+    path.write_text("")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: not a config \(invalid JSON"):
+        train.check_resume_config(str(path), _config("configs/clip.py:tiny", []))
