@@ -35,6 +35,7 @@ setup(
     extras_require={
         "test": ["pytest>=8,<10", "ruff>=0.6", "faiss-cpu>=1.9,<2"],
         "faiss": ["faiss-cpu>=1.9,<2"],
-        "bench": ["faiss-cpu>=1.9,<2"],
+        # pyahocorasick: bench/annotate.py's comparison matcher (mlcd.annotate does not use it).
+        "bench": ["faiss-cpu>=1.9,<2", "pyahocorasick>=2.1,<3"],
     },
 )

@@ -27,6 +27,7 @@ import os
 import re
 import sys
 import time
+import types
 
 
 def _parse(argv):
@@ -34,6 +35,12 @@ def _parse(argv):
     parser.add_argument("--config", required=True, help="path/to/config.py[:preset]")
     parser.add_argument("--devices", type=int, default=64, help="fake CPU devices in the mesh")
     parser.add_argument("--device_gib", type=float, default=80.0, help="memory of one device")
+    parser.add_argument(
+        "--vocab_size",
+        type=int,
+        default=49_408,
+        help="text towers: the vocabulary a paper-scale tokenizer would give (OpenAI CLIP's BPE)",
+    )
     return parser.parse_known_args(argv)
 
 
@@ -95,7 +102,10 @@ def main() -> None:
     t0 = time.perf_counter()
     config = common.load_config(ARGS.config)
     common.parse_overrides(config, OVERRIDES)
-    config = train_state.resolve_model_config(config, None)
+    # No dataset, so no tokenizer: a stand-in with the vocabulary size only sets the text
+    # tower's embedding table (pad / EOS ids change no shape).
+    vocab = types.SimpleNamespace(vocab_size=ARGS.vocab_size, eos_id=ARGS.vocab_size - 1, pad_id=0)
+    config = train_state.resolve_model_config(config, vocab)
     mesh = sharding.make_mesh(config.mesh)
     sharding.check_batch_divisible(config.batch_size, mesh, "config.batch_size")
 

@@ -1,13 +1,20 @@
-"""Benchmark of mlcd_loss (forward + backward) on 8 fake CPU devices against a naive version.
+"""Benchmark of mlcd_loss (forward + backward) on 8 fake CPU devices against a naive version,
+and of MOFI's entity_classification_loss at its target size.
 
     python bench/mlcd_loss.py                      # the sweep below, one subprocess per run
     python bench/mlcd_loss.py --one sharded 1048576 --ratio 0.1   # a single run, JSON out
+    python bench/mlcd_loss.py --one entity 2097152 --ratio 0.1    # MOFI's classifier, JSON out
 
 Runs, at batch 1,024 and dimension 512 (ArcFace, s = 64, m = 0.3, l = 8 labels per image):
 - sharded: `mlcd.losses.mlcd_loss` under `jax.set_mesh` on 8 fake CPU devices (Partial-FC
   layout, centers [C, D] split along C), with sample_ratio 0.1 and 1.0;
 - naive: one device, no mesh, no sampling, the formula written densely: normalised copies of
-  all centers, full [B, C] cosines and masks (what the loss looks like without sharding).
+  all centers, full [B, C] cosines and masks (what the loss looks like without sharding);
+- entity: `mlcd.losses.entity_classification_loss` (MOFI's entity classifier: softmax with a
+  uniform target over each image's l = 8 entities, s = 32, no margin) under `jax.set_mesh` on 8
+  fake CPU devices, weights [C, D] split along C, at C = 1M and 2M entities (--entity_sizes) with
+  sample_ratio --ratio: the same Partial-FC layout as the sharded MLCD runs (2M is MOFI's
+  entity count, twice MLCD's 1M centers).
 Each run is a fresh subprocess; its peak resident memory (VmHWM) is taken over the timed steps
 only (reset after generating the inputs, compiling and one warm-up step). Naive runs
 stop at the first C whose predicted peak (linear in C from the previous two runs) exceeds
@@ -15,7 +22,8 @@ stop at the first C whose predicted peak (linear in C from the previous two runs
 
 The fake devices share the machine's cores: per-step times compare the amount of work, not a
 multi-device speed-up. Per-device temp memory comes from XLA's memory analysis of the compiled
-step (the SPMD program is per device).
+step (the SPMD program is per device); "args + out" is the compiled step's per-device inputs
+and outputs (its shard of the centers / weights and of their gradient, dominant at large C).
 """
 
 from __future__ import annotations
@@ -39,12 +47,14 @@ from jax.sharding import PartitionSpec as P
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from mlcd.losses import mlcd_loss
+from mlcd.losses import entity_classification_loss, mlcd_loss
 from mlcd.losses.mlcd import MARGINS
 from mlcd.partial_fc import num_sampled
 from mlcd.sharding import make_mesh
 
 SCALE, MARGIN, NUM_LABELS = 64.0, 0.3, 8
+ENTITY_SCALE, ENTITY_MARGIN = 32.0, 0.0  # entity_classification_loss's defaults
+KINDS = ("sharded", "naive", "entity")  # entity: entity_classification_loss, sharded
 GIB = 2.0**30
 
 
@@ -79,7 +89,7 @@ def _reset_peak() -> None:
 
 def run_one(kind: str, num_classes: int, batch: int, dim: int, ratio: float, steps: int) -> dict:
     """Times `steps` forward + backward steps (after one compile + warm-up step)."""
-    mesh = make_mesh((("data", -1), ("model", 1))) if kind == "sharded" else None
+    mesh = make_mesh((("data", -1), ("model", 1))) if kind != "naive" else None
     spec = NamedSharding(mesh, P(mesh.axis_names)) if mesh else None
     k_emb, k_centers, k_labels = jax.random.split(jax.random.key(0), 3)
 
@@ -100,6 +110,13 @@ def run_one(kind: str, num_classes: int, batch: int, dim: int, ratio: float, ste
 
         def loss(e, c, y, key):
             return mlcd_loss(e, c, y, scale=SCALE, margin=MARGIN, sample_ratio=ratio, rng=key)
+
+    elif kind == "entity":
+
+        def loss(e, c, y, key):
+            return entity_classification_loss(
+                e, c, y, scale=ENTITY_SCALE, margin=ENTITY_MARGIN, sample_ratio=ratio, rng=key
+            )
 
     else:
 
@@ -131,7 +148,7 @@ def run_one(kind: str, num_classes: int, batch: int, dim: int, ratio: float, ste
     return dict(
         kind=kind,
         num_classes=num_classes,
-        ratio=ratio if kind == "sharded" else 1.0,
+        ratio=ratio if kind != "naive" else 1.0,
         devices=mesh.size if mesh else 1,
         loss=float(value),
         warmup_s=warmup_s,
@@ -140,6 +157,10 @@ def run_one(kind: str, num_classes: int, batch: int, dim: int, ratio: float, ste
         rss_before_gib=rss_before,
         peak_gib=_rss_gib("VmHWM"),
         temp_gib_per_device=getattr(mem, "temp_size_in_bytes", 0) / GIB,
+        # Per device: its inputs (its shard of the centers / weights and of the batch) and
+        # outputs (the loss and its shard of both gradients) of the compiled step.
+        args_gib_per_device=getattr(mem, "argument_size_in_bytes", 0) / GIB,
+        out_gib_per_device=getattr(mem, "output_size_in_bytes", 0) / GIB,
     )
 
 
@@ -169,7 +190,7 @@ def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
 def _spawn(kind: str, num_classes: int, args, ratio: float) -> dict:
     """run_one in a fresh process (clean peak memory); the naive one sees a single device."""
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={8 if kind == 'sharded' else 1}"
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={1 if kind == 'naive' else 8}"
     cmd = [sys.executable, os.path.abspath(__file__), "--one", kind, str(num_classes)]
     cmd += [f"--batch={args.batch}", f"--dim={args.dim}", f"--ratio={ratio}"]
     cmd += [f"--steps={args.steps}"]
@@ -189,7 +210,8 @@ def _spawn(kind: str, num_classes: int, args, ratio: float) -> dict:
 def _table(results: list[dict], dim: int) -> str:
     head = (
         "| version | devices | r | C | step (median) | GFLOP/step | GFLOP/s | compile + 1st step "
-        "| RSS before steps | peak RSS in steps | centers + grad | XLA temp / device |"
+        "| RSS before steps | peak RSS in steps | centers + grad | XLA args + out / device "
+        "| XLA temp / device |"
     )
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for r in results:
@@ -199,6 +221,7 @@ def _table(results: list[dict], dim: int) -> str:
             f"{r['step_s']:.2f} s | {r['gflop']:.0f} | {r['gflop'] / r['step_s']:.0f} | "
             f"{r['warmup_s']:.1f} s | {r['rss_before_gib']:.2f} GiB | {r['peak_gib']:.2f} GiB | "
             f"{tensors:.2f} GiB | "
+            f"{r['args_gib_per_device'] + r['out_gib_per_device']:.3f} GiB | "
             f"{r['temp_gib_per_device']:.3f} GiB |"
         )
     return "\n".join(lines)
@@ -223,11 +246,14 @@ def sweep(args) -> None:
                 break
         naive.append(_spawn("naive", c, args, 1.0))
     results += naive
+    results += [_spawn("entity", c, args, args.ratio) for c in _sizes(args.entity_sizes)]
     print(f"{_uptime()}; matmul ceiling {matmul_gflops():.0f} GFLOP/s")
     print()
     print(
         f"mlcd_loss forward + backward, batch {args.batch}, dim {args.dim}, "
-        f"{NUM_LABELS} labels/image, ArcFace s={SCALE:g} m={MARGIN}"
+        f"{NUM_LABELS} labels/image, ArcFace s={SCALE:g} m={MARGIN}; entity: "
+        f"entity_classification_loss, {NUM_LABELS} entities/image, s={ENTITY_SCALE:g} "
+        f"m={ENTITY_MARGIN:g}"
     )
     print(_table(results, args.dim))
 
@@ -238,7 +264,7 @@ def _sizes(text: str) -> list[int]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--one", nargs=2, metavar=("KIND", "C"), help="sharded|naive and C")
+    parser.add_argument("--one", nargs=2, metavar=("KIND", "C"), help="sharded|naive|entity, C")
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--ratio", type=float, default=0.1, help="sample_ratio of sharded runs")
@@ -247,11 +273,12 @@ def main(argv=None) -> None:
     parser.add_argument("--full_sizes", default="16384,65536,262144", help="sharded, r = 1")
     parser.add_argument("--naive_sizes", default="16384,32768,65536,131072,262144,524288")
     parser.add_argument("--naive_budget_gib", type=float, default=10.0)
+    parser.add_argument("--entity_sizes", default="1048576,2097152", help="entity classifier, r")
     args = parser.parse_args(argv)
     if args.one:
         kind, c = args.one
-        if kind not in ("sharded", "naive"):
-            parser.error(f"--one KIND must be sharded or naive; got {kind!r}")
+        if kind not in KINDS:
+            parser.error(f"--one KIND must be one of {KINDS}; got {kind!r}")
         print(json.dumps(run_one(kind, int(c), args.batch, args.dim, args.ratio, args.steps)))
     else:
         sweep(args)

@@ -278,6 +278,13 @@ def tiny_preset(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             "linear_probe": {"type": "linear_probe", "every": 0},
             "digits": {"type": "linear_probe", "dataset": "digits", "every": 0},
             "image_retrieval": {"type": "image_retrieval", "every": 0},
+            # Looser relevance: the same largest object's entity (colour + shape).
+            "image_retrieval_largest": {
+                "type": "image_retrieval",
+                "relevance": "first",
+                "name": "test_largest",
+                "every": 0,
+            },
             "grounding": {"type": "grounding", "every": 0},
         }
     )

@@ -17,7 +17,13 @@ import ml_collections
 from configs import common
 
 # Frozen-feature evaluators that need no text tower (zero-shot, retrieval and grounding do).
-IMAGE_ONLY_EVALS = ("fewshot", "linear_probe", "digits", "image_retrieval")
+IMAGE_ONLY_EVALS = (
+    "fewshot",
+    "linear_probe",
+    "digits",
+    "image_retrieval",
+    "image_retrieval_largest",
+)
 
 
 def _tiny(c):

@@ -209,19 +209,25 @@ class ChooseText(Transform):
 
 @TRANSFORMS.register("tokenize")
 class Tokenize(Transform):
-    """'tokens' int32 [length]: BOS + tokens of 'text' + EOS, padded (Tokenizer.encode).
-    Default length: config.pp.context_length. Needs the run's tokenizer (a text tower)."""
+    """int32 [length] field `outkey` (default 'tokens'): BOS + tokens of the str field `inkey`
+    (default 'text') + EOS, padded (Tokenizer.encode). Default length:
+    config.pp.context_length. Needs the run's tokenizer (a text tower)."""
 
-    reads = ("text",)
-    writes = ("tokens",)
-
-    def __init__(self, ctx: Context, length: int | None = None):
+    def __init__(
+        self,
+        ctx: Context,
+        length: int | None = None,
+        inkey: str = "text",
+        outkey: str = "tokens",
+    ):
         if ctx.tokenizer is None:
             raise ValueError(
                 "tokenize: the model has no text tower (config.model.text) and so no tokenizer"
             )
         self.tokenizer = ctx.tokenizer
         self.length = int(length or ctx.config.pp.context_length)
+        self.reads, self.writes = (inkey,), (outkey,)
 
     def __call__(self, example, rng):
-        return {"tokens": self.tokenizer.encode([example["text"]], self.length)[0]}
+        (inkey,), (outkey,) = self.reads, self.writes
+        return {outkey: self.tokenizer.encode([example[inkey]], self.length)[0]}

@@ -1,14 +1,18 @@
-"""What the four command-line tools (python -m mlcd.train / evaluate / export / cluster) share:
+"""What the command-line tools (python -m mlcd.train / evaluate / export / cluster / annotate) share:
 logging set-up, the persistent compilation cache, and one way of reporting bad input."""
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
+
+from configs import common as config_lib
 
 # Bad input (a config key, a path, a mesh, a batch size, an unknown name) and file-system
 # refusals (a workdir that is a file, no permission): each tool reports these as one line
@@ -52,3 +56,28 @@ def run(body: Callable[[], None]) -> int:
         print(f"error: {message}", file=sys.stderr)
         return 2
     return 0
+
+
+def config_tool_main(
+    prog: str,
+    description: str,
+    run_config: Callable[[Any], dict[str, Any]],
+    report: Callable[[dict[str, Any], str], str],
+    argv: Sequence[str] | None,
+) -> int:
+    """main() of a tool driven by one `--config path.py[:preset]` plus overrides (mlcd.cluster,
+    mlcd.annotate): parses them, runs `run_config(config) -> meta`, prints
+    `report(meta, out_dir)` (config.out_dir, absolute); errors as `run`."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", required=True, help="path/to/config.py[:preset]")
+    args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+
+    def body():
+        config = config_lib.load_config(args.config)
+        config_lib.parse_overrides(config, overrides)
+        meta = run_config(config)
+        print(report(meta, os.path.abspath(config.out_dir)))
+
+    return run(body)

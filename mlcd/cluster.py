@@ -21,7 +21,6 @@ files as an uninterrupted run. A different config on resume is refused, naming t
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -31,11 +30,8 @@ from typing import Any
 
 import jax
 import ml_collections
-import tensorflow_datasets as tfds
 
-from configs import common as config_lib
-from input_pipeline import datasets
-from mlcd import cli, label_store, runs, sharding
+from mlcd import cli, label_store, labelling, sharding
 from mlcd.clustering import pipeline, store
 from mlcd.clustering.kmeans import BACKENDS
 from mlcd.encoder import Encoder
@@ -47,23 +43,9 @@ FEATURES = ("image", "image_text_mean")
 RUNTIME_KEYS = ("out_dir", "verbose", "data.num_threads")
 
 
-def _teacher(config: ml_collections.ConfigDict) -> tuple[str, str]:
-    """('export' | 'workdir', path) of config.teacher; an empty string counts as unset."""
-    given = [(k, config.teacher[k]) for k in ("export", "workdir") if config.teacher[k]]
-    if len(given) != 1:
-        raise ValueError(
-            "config.teacher: set exactly one of teacher.export (an export directory) and "
-            f"teacher.workdir (a training run); got {dict(given) or 'neither'} "
-            "(unset one with --config.teacher.workdir= )"
-        )
-    if given[0][0] == "export" and config.teacher.step is not None:
-        raise ValueError("config.teacher.step applies to teacher.workdir only, not to an export")
-    return given[0]
-
-
 def check_config(config: ml_collections.ConfigDict) -> None:
     """ValueError naming the config key of the first invalid value (no file is read)."""
-    _teacher(config)
+    labelling.teacher_source(config)
     positive = {
         "embed.shard_size": config.embed.shard_size,
         "embed.batch_size": config.embed.batch_size,
@@ -95,78 +77,27 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 def prepare_out_dir(out_dir: str, config: ml_collections.ConfigDict) -> None:
     """Creates out_dir with cluster_config.json, or checks that a resumed run has the same
     config (up to RUNTIME_KEYS); removes temporary files of a crashed run."""
-    path = os.path.join(out_dir, store.CONFIG_FILE)
-    if os.path.exists(path):
-        with open(path) as f:
-            changed = config_lib.changed_keys(json.load(f), config, RUNTIME_KEYS)
-        if changed:
-            key, before, now = changed[0]
-            raise ValueError(
-                f"config.{key}={now!r} differs from {before!r} in {path}: resume with the "
-                "same config, or use a new config.out_dir"
-            )
-    elif os.path.isdir(out_dir) and os.listdir(out_dir):
-        raise ValueError(
-            f"config.out_dir={out_dir} is not empty and has no {store.CONFIG_FILE}: "
-            "refusing to write clustering outputs into it"
-        )
-    else:
-        os.makedirs(out_dir, exist_ok=True)
-        label_store.save_json(path, json.loads(config.to_json()))
-    for sub in (store.EMBEDDINGS_DIR, store.ASSIGN_DIR):
-        os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
-    store.remove_stale_temporaries(out_dir)
+    labelling.prepare_out_dir(
+        out_dir,
+        config,
+        config_file=store.CONFIG_FILE,
+        runtime_keys=RUNTIME_KEYS,
+        subdirs=(store.EMBEDDINGS_DIR, store.ASSIGN_DIR),
+        what="clustering outputs",
+    )
 
 
 def open_split(config: ml_collections.ConfigDict):
     """(builder, random-access source of config.data.split with undecoded images)."""
-    data = config.data
-    builder = datasets.get_builder(data.name, data.data_dir, **data.build.to_dict())
-    features = builder.info.features
     needed = {"id": "data.name", "image": "data.name"}
     if config.embed.features == "image_text_mean":
-        needed[data.caption_key] = "data.caption_key"
-    for feature, key in needed.items():
-        if feature not in features:
-            raise ValueError(
-                f"config.{key}: dataset {builder.name!r} has no feature {feature!r} "
-                f"(features: {sorted(features)})"
-            )
-    try:
-        source = builder.as_data_source(
-            split=data.split, decoders={"image": tfds.decode.SkipDecoding()}
-        )
-    except ValueError as e:
-        raise ValueError(f"config.data.split={data.split!r}: {e}") from e
-    return builder, source
-
-
-def check_teacher_files(config: ml_collections.ConfigDict) -> None:
-    """FileNotFoundError / ValueError naming the key unless the teacher looks complete (cheap:
-    reads export.json or the run's config.json; the parameters load when embedding starts)."""
-    kind, path = _teacher(config)
-    try:
-        if kind == "export":
-            runs.read_export_meta(path)
-        else:
-            runs.load_run_config(path)
-    except (FileNotFoundError, ValueError) as e:
-        raise type(e)(f"config.teacher.{kind}={path}: {e}") from e
+        needed[config.data.caption_key] = "data.caption_key"
+    return labelling.open_split(config.data, needed)
 
 
 def _load_teacher(config: ml_collections.ConfigDict) -> tuple[Encoder, dict[str, Any]]:
-    kind, path = _teacher(config)
-    try:
-        encoder, spec = runs.load_model(
-            **{"checkpoint" if kind == "export" else "workdir": path},
-            step=config.teacher.step,
-            batch_size=config.embed.batch_size,
-        )
-        if config.embed.features == "image_text_mean":
-            encoder.embed_texts(["a"])  # raises if the teacher has no text tower
-    except (FileNotFoundError, ValueError) as e:
-        raise type(e)(f"config.teacher.{kind}={path}: {e}") from e
-    return encoder, {"kind": kind, "path": os.path.abspath(path), "step": int(spec["step"])}
+    text_tower = config.embed.features == "image_text_mean"
+    return labelling.load_teacher(config, config.embed.batch_size, text_tower=text_tower)
 
 
 def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -183,7 +114,10 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
             f"config.kmeans.num_centers={num_centers} must be divisible by the {mesh.size} "
             f"devices of config.mesh={config.mesh}: the centers are sharded over all of them"
         )
-    check_teacher_files(config)
+    text_tower = None
+    if config.embed.features == "image_text_mean":
+        text_tower = "config.embed.features='image_text_mean' embeds the captions"
+    labelling.check_teacher_files(config, text_tower=text_tower)
     builder, source = open_split(config)
     if not num_centers <= len(source):
         raise ValueError(
@@ -250,21 +184,7 @@ def format_report(meta: dict[str, Any], out_dir: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     cli.setup_logging(log.name)
-    parser = argparse.ArgumentParser(
-        prog="python -m mlcd.cluster",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--config", required=True, help="path/to/cluster.py[:preset]")
-    args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-
-    def body():
-        config = config_lib.load_config(args.config)
-        config_lib.parse_overrides(config, overrides)
-        meta = run(config)
-        print(format_report(meta, os.path.abspath(config.out_dir)))
-
-    return cli.run(body)
+    return cli.config_tool_main("python -m mlcd.cluster", __doc__, run, format_report, argv)
 
 
 if __name__ == "__main__":

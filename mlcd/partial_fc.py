@@ -171,6 +171,62 @@ def sampled_classes(rng: jax.Array, num_classes: int, num_shards: int, ratio: fl
 
 
 # ----------------------------------------------------------------------------------------------
+# Per-row id sets ([B, l], -1 padding) and their host-side validation.
+
+
+def gather_rows(
+    emb: jax.Array, ids: jax.Array, num_classes: int, axes: Axes
+) -> tuple[jax.Array, jax.Array]:
+    """The batch every shard scores: (feats [B, D] unit rows, ids [B, l]) from this device's
+    emb [b, D] and ids [b, l] (all-gathered over `axes`; as given without axes).
+
+    Rows are normalised before the gather (b rows, not B); the gather's gradient is a
+    reduce-scatter. Ids >= num_classes (possible only under jit, where a loss cannot check
+    them) are owned by no shard and become padding (-1) everywhere.
+    """
+    feats = emb * inverse_norm(emb)[:, None]
+    if axes is not None:
+        feats = jax.lax.all_gather(feats, axes, tiled=True)
+        ids = jax.lax.all_gather(ids, axes, tiled=True, to="invarying")
+    return feats, jnp.where(ids < num_classes, ids, -1)
+
+
+def first_occurrence(ids: jax.Array) -> jax.Array:
+    """bool [B, l]: valid (>= 0) and not a repeat of an earlier entry of the same row.
+
+    ids int [B, l]. A row's ids are a set: a repeated id would otherwise count twice in a sum
+    over the row's positives.
+    """
+    same = ids[:, :, None] == ids[:, None, :]  # [B, l, l], tiny (l ~ 8)
+    earlier = jnp.tril(jnp.ones(same.shape[1:], bool), k=-1)
+    return (ids >= 0) & ~jnp.any(same & earlier, axis=2)
+
+
+def check_ids_concrete(ids, num_classes: int | None, name: str = "labels") -> None:
+    """Host-side range check of concrete ids: each in [0, num_classes) or -1 (padding).
+
+    ids int [B, ...] (checked per row of dim 0); num_classes None: no upper bound (only values
+    below -1 are errors). Raises ValueError naming `name`, the range of values found and the
+    first offending row with its values. Traced ids cannot be inspected here and pass.
+    """
+    if isinstance(ids, jax.core.Tracer) or ids.size == 0:
+        return
+    # Concrete ids closed over by a jit trace are checked too: evaluate, do not stage.
+    with jax.ensure_compile_time_eval():
+        lo, hi = (int(v) for v in jax.device_get((jnp.min(ids), jnp.max(ids))))
+        if lo >= -1 and (num_classes is None or hi < num_classes):
+            return
+        bad = ids < -1 if num_classes is None else (ids < -1) | (ids >= num_classes)
+        row = int(jnp.argmax(jnp.any(bad.reshape(ids.shape[0], -1), axis=1)))
+        example = jax.device_get(ids[row]).tolist()
+    allowed = "ids >= 0" if num_classes is None else f"class ids in [0, {num_classes})"
+    raise ValueError(
+        f"{name} must be {allowed} or -1 (padding); got values in [{lo}, {hi}], e.g. row "
+        f"{row}: {example}."
+    )
+
+
+# ----------------------------------------------------------------------------------------------
 # Looking up given class ids: only the owning shard contributes, a psum combines.
 
 

@@ -22,7 +22,14 @@ import pytest  # noqa: E402
 
 # The tiny presets' frozen-feature evaluators, run only after the last step: they have their own
 # tests, and in training tests they would only cost time.
-FINAL_ONLY_EVALS = ("fewshot", "linear_probe", "digits", "image_retrieval", "grounding")
+FINAL_ONLY_EVALS = (
+    "fewshot",
+    "linear_probe",
+    "digits",
+    "image_retrieval",
+    "image_retrieval_largest",
+    "grounding",
+)
 
 # A small synthetic_scenes build shared by every test that trains or reads data.
 SMALL_SCENES = {"train_size": 256, "validation_size": 16, "test_size": 96, "image_size": 32}

@@ -10,10 +10,10 @@ from configs import common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
-# Training configs (cluster.py configures python -m mlcd.cluster; test_cluster.py builds it).
-METHOD_CONFIGS = [
-    p for p in CONFIG_FILES if os.path.basename(p) not in ("common.py", "__init__.py", "cluster.py")
-]
+# Training configs (cluster.py and annotate.py configure python -m mlcd.cluster / mlcd.annotate;
+# test_cluster.py and test_annotate.py build them).
+TOOL_CONFIGS = ("common.py", "__init__.py", "cluster.py", "annotate.py")
+METHOD_CONFIGS = [p for p in CONFIG_FILES if os.path.basename(p) not in TOOL_CONFIGS]
 
 
 @pytest.mark.parametrize("path", METHOD_CONFIGS, ids=os.path.basename)

@@ -124,6 +124,27 @@ def test_image_retrieval_oracle_perfect_random_at_chance():
     assert abs(np.mean(got) - chance) < 0.2 * chance, (got, chance)
 
 
+def test_image_retrieval_first_label_relevance():
+    """relevance='first': two images are relevant when their label vectors start with the same
+    id (synthetic_scenes: the same largest entity), whatever the rest of the vectors hold."""
+    examples = list(entity_builder().as_data_source("test"))
+    for ex in examples:
+        ex["image"] = ex["image"].copy()
+        ex["image"][1, 0, 0] = ex["entity_ids"][0]  # the embedding reads the first id here
+    features = {"entity_ids": tfds.features.Tensor(shape=(4,), dtype=np.int32)}
+    builder = FakeBuilder("fake_entities", {"test": examples}, features)
+    onehot = lambda x: np.eye(5, dtype=np.float32)[x[:, 1, 0, 0]]
+    ev = evaluators.EVALUATORS.get("image_retrieval")(builder=builder, relevance="first")
+    assert ev.run(FakeEncoder(onehot)) == {"image_retrieval/test/map": 1.0}
+    # Under the default multiset rule the same embedding is far from perfect.
+    multiset = evaluators.EVALUATORS.get("image_retrieval")(builder=builder)
+    assert multiset.run(FakeEncoder(onehot))["image_retrieval/test/map"] < 0.7
+    with pytest.raises(
+        ValueError, match=r"relevance='largest'; expected one of \('set', 'first'\)"
+    ):
+        image_retrieval.ImageRetrievalEvaluator(builder, relevance="largest")
+
+
 def test_image_retrieval_on_digits_and_errors():
     ev = evaluators.EVALUATORS.get("image_retrieval")(
         builder=None, dataset="digits", representation="pre_logits"

@@ -17,7 +17,6 @@ process stopped in between (the seed drives the re-seeding of empty clusters).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -28,10 +27,8 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from tqdm.auto import tqdm
 
-from input_pipeline import preprocess
-from mlcd import label_store
+from mlcd import label_store, labelling
 from mlcd.clustering import _data, store
 from mlcd.clustering.assign import assign_topk
 from mlcd.clustering.kmeans import kmeans
@@ -43,39 +40,8 @@ TEACHER_FILE = "teacher.json"  # in embeddings/: the teacher that wrote the shar
 _SIM_BINS = np.linspace(-1.0, 1.0, 201)  # histogram bins of cosine similarities
 
 
-def _bar(total: int, initial: int, desc: str, unit: str, verbose: bool) -> tqdm:
-    return tqdm(
-        total=total, initial=initial, desc=desc, unit=unit, disable=not verbose, dynamic_ncols=True
-    )
-
-
 # ----------------------------------------------------------------------------------------------
 # Stage 1: embeddings.
-
-
-def _to_str(value: bytes | str | np.ndarray) -> str:
-    if isinstance(value, np.ndarray):
-        value = value.item()
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-
-def _load_image(record: dict[str, Any], size: int) -> np.ndarray:
-    """uint8 [size, size, 3]: the record's image decoded, resized and centre-cropped."""
-    try:
-        image = preprocess.decode_image(record["image"])
-    except Exception as e:
-        raise ValueError(f"example {_to_str(record['id'])!r}: cannot decode its image: {e}") from e
-    return preprocess.resize_center_crop(image, size)
-
-
-def _read_batch(source, start: int, stop: int, size: int, caption_key: str | None, pool):
-    """(ids [b] str, images uint8 [b, size, size, 3], texts list[str] or None) of examples
-    start..stop-1; images are decoded on `pool`'s threads (PIL releases the GIL)."""
-    records = source.__getitems__(list(range(start, stop)))
-    images = np.stack(list(pool.map(lambda r: _load_image(r, size), records)))
-    ids = np.array([_to_str(r["id"]) for r in records], dtype=str)
-    texts = [_to_str(r[caption_key]) for r in records] if caption_key else None
-    return ids, images, texts
 
 
 def _embed(encoder: Encoder, images: np.ndarray, texts: list[str] | None) -> np.ndarray:
@@ -86,33 +52,6 @@ def _embed(encoder: Encoder, images: np.ndarray, texts: list[str] | None) -> np.
         emb = emb + encoder.embed_texts(texts)["embedding"]
         emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
     return emb.astype(np.float32)
-
-
-def _check_teacher(out_dir: str, teacher: dict[str, Any], dim: int) -> None:
-    """Errors unless the teacher (and its embedding size) is the one that wrote the shards."""
-    path = os.path.join(out_dir, store.EMBEDDINGS_DIR, TEACHER_FILE)
-    if not os.path.exists(path):
-        label_store.save_json(path, {**teacher, "embed_dim": dim})
-        return
-    with open(path) as f:
-        before = json.load(f)
-    if before["embed_dim"] != dim:
-        raise ValueError(
-            f"teacher {teacher['path']} gives {dim}-dim embeddings, but the shards in "
-            f"{os.path.dirname(path)} hold {before['embed_dim']}-dim ones ({path}): a different "
-            "teacher cannot continue them; use a new config.out_dir"
-        )
-    if before["step"] != teacher["step"]:
-        fix = (
-            f"set config.teacher.step={before['step']} to continue them"
-            if teacher["kind"] == "workdir"
-            else "use a new config.out_dir"
-        )
-        raise ValueError(
-            f"config.teacher.{teacher['kind']}: {teacher['path']} is now at step "
-            f"{teacher['step']}, but the shards in {os.path.dirname(path)} were embedded at step "
-            f"{before['step']} ({path}): {fix}"
-        )
 
 
 def embed(
@@ -146,7 +85,7 @@ def embed(
             for lo in range(s * size, min((s + 1) * size, n), batch)
         ]
         done = n - sum(min((s + 1) * size, n) - s * size for s in todo)
-        bar = _bar(n, done, "embed", "img", config.verbose)
+        bar = labelling.progress(n, done, "embed", "img", config.verbose)
         parts: list[tuple[np.ndarray, np.ndarray]] = []
         with (
             futures.ThreadPoolExecutor(1) as reader,
@@ -154,7 +93,8 @@ def embed(
         ):
 
             def read(task):
-                return _read_batch(source, task[1], task[2], encoder.image_size, text_key, pool)
+                indices = range(task[1], task[2])
+                return labelling.read_examples(source, indices, encoder.image_size, text_key, pool)
 
             # Batch k + 1 is read and decoded while the teacher embeds batch k.
             pending = reader.submit(read, tasks[0])
@@ -164,7 +104,10 @@ def embed(
                     pending = reader.submit(read, tasks[k + 1])
                 emb = _embed(encoder, images, texts)
                 if k == 0:
-                    _check_teacher(out_dir, teacher, emb.shape[1])
+                    # A resumed run must continue the shards with the teacher that wrote them.
+                    teacher_path = os.path.join(out_dir, store.EMBEDDINGS_DIR, TEACHER_FILE)
+                    where = f"the shards in {os.path.dirname(teacher_path)}"
+                    labelling.check_same_teacher(teacher_path, teacher, emb.shape[1], where)
                 parts.append((ids, emb))
                 bar.update(len(ids))
                 if hi == min((s + 1) * size, n):  # the shard is complete: write it
@@ -233,7 +176,7 @@ def run_kmeans(
     log.info("k-means: %d of %d iterations done (%s)", done, total, state_path)
     # The resident path (chunk_size None) needs all rows in memory anyway: read the shards once.
     x = emb if cfg.chunk_size else np.asarray(emb)
-    bar = _bar(total, done, "k-means", "it", config.verbose)
+    bar = labelling.progress(total, done, "k-means", "it", config.verbose)
     while done < total:
         block = min(int(cfg.save_every), total - done)
         result = kmeans(
@@ -288,7 +231,7 @@ def assign(
     # Sharded along C under the mesh from the start: no device ever holds all the centers.
     centers = jax.device_put(centroids, _data.row_sharding())
     done = len(emb) - sum(emb.sizes[s] for s in todo)
-    bar = _bar(len(emb), done, "assign", "img", config.verbose)
+    bar = labelling.progress(len(emb), done, "assign", "img", config.verbose)
     for s in todo:
         labels, sims = assign_topk(
             emb.shard(s), centers, int(config.assign.top_l), chunk_size=config.assign.chunk_size

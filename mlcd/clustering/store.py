@@ -53,11 +53,6 @@ def shard_path(out_dir: str, subdir: str, index: int) -> str:
     return os.path.join(out_dir, subdir, f"shard_{index:05d}.npz")
 
 
-def remove_stale_temporaries(out_dir: str) -> None:
-    """Deletes temporary files left by a run that died while writing them."""
-    label_store.remove_stale_temporaries(out_dir, (EMBEDDINGS_DIR, ASSIGN_DIR))
-
-
 def check_not_older_version(out_dir: str) -> None:
     """ValueError when out_dir was written by a version before the label store (labels.npz,
     no labels.npy): neither `python -m mlcd.cluster` nor the trainer reads it any more."""

@@ -3,8 +3,10 @@
 Every image queries all the others, ranked by cosine similarity of the chosen representation
 (L2-normalised). A database image is relevant to a query when their labels are equal: a scalar
 label (a class), or a label SET given as an int vector padded with -1 (synthetic_scenes
-'entity_ids': relevant = the same multiset of entities, i.e. identical sorted vectors). Images
-without any label (all -1) take no part.
+'entity_ids': relevant = the same multiset of entities, i.e. identical sorted vectors); with
+relevance='first', only the vector's first entry is compared (synthetic_scenes lists the
+largest object first, so: the same largest entity, a looser rule). Images without any label
+(all -1) take no part.
 
 Average precision of a query with R relevant images among the ranked others, ties handled as
 scikit-learn's `average_precision_score` does (every tie group is one threshold, so the result
@@ -25,6 +27,7 @@ from mlcd.evaluators import EVALUATORS, common, labelled
 # Queries scored per block: bounds the [block, N] temporaries (GPR1200's 12k images: 12k x 1k
 # float32 = 48 MiB per array instead of 576 MiB for the whole matrix).
 _QUERY_BLOCK = 1024
+RELEVANCE = ("set", "first")
 
 
 def label_groups(labels: np.ndarray) -> np.ndarray:
@@ -109,6 +112,7 @@ class ImageRetrievalEvaluator:
         split: str = "test",
         label_key: str | None = None,
         representation: str = "embedding",
+        relevance: str = "set",
         max_examples: int | None = None,
         batch_size: int = 256,
         name: str | None = None,
@@ -123,6 +127,8 @@ class ImageRetrievalEvaluator:
           label_key: the relevance label (default: 'entity_ids' when the dataset has it, as
             synthetic_scenes does, else 'label').
           representation: 'embedding' or 'pre_logits'.
+          relevance: 'set' (equal label vectors, as multisets) or 'first' (equal first
+            entries of the label vectors).
           max_examples: use only the first N images of the split.
           batch_size: images per embedding call.
           name: metric namespace (default: `split` for the training dataset, the dataset's name
@@ -132,6 +138,9 @@ class ImageRetrievalEvaluator:
         self.representation = common.check_representation(representation, who)
         self.source = labelled.LabelledSource(builder, dataset=dataset, data_dir=data_dir, who=who)
         self.split = split
+        if relevance not in RELEVANCE:
+            raise ValueError(f"{who}: relevance={relevance!r}; expected one of {RELEVANCE}")
+        self.relevance = relevance
         self.label_key = label_key or (
             "entity_ids" if "entity_ids" in self.source.features else "label"
         )
@@ -147,7 +156,10 @@ class ImageRetrievalEvaluator:
         """(images, relevance groups int64 [N]), read once."""
         if self._data is None:
             data = self.source.read(self.split, [self.label_key], self.max_examples)
-            self._data = (data["image"], label_groups(data[self.label_key]))
+            labels = np.asarray(data[self.label_key]).reshape(len(data["image"]), -1)
+            if self.relevance == "first":
+                labels = labels[:, :1]
+            self._data = (data["image"], label_groups(labels))
         return self._data
 
     def run(self, encoder: Any) -> dict[str, float]:

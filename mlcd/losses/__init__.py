@@ -2,5 +2,12 @@
 
 from mlcd.losses.contrastive import sigmoid_contrastive_loss, softmax_contrastive_loss
 from mlcd.losses.mlcd import mlcd_loss
+from mlcd.losses.mofi import entity_classification_loss, entity_contrastive_loss
 
-__all__ = ["mlcd_loss", "sigmoid_contrastive_loss", "softmax_contrastive_loss"]
+__all__ = [
+    "entity_classification_loss",
+    "entity_contrastive_loss",
+    "mlcd_loss",
+    "sigmoid_contrastive_loss",
+    "softmax_contrastive_loss",
+]

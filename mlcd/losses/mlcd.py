@@ -75,34 +75,6 @@ def _cosface(cos: jax.Array, m: float) -> jax.Array:
 MARGINS = {"arcface": _arcface, "cosface": _cosface}
 
 
-def _first_occurrence(labels: jax.Array) -> jax.Array:
-    """bool [B, l]: valid (>= 0) and not a repeat of an earlier entry of the same row.
-
-    P_i is a set: a repeated id would otherwise count twice in the positive sum.
-    """
-    same = labels[:, :, None] == labels[:, None, :]  # [B, l, l], tiny (l ~ 8)
-    earlier = jnp.tril(jnp.ones(same.shape[1:], bool), k=-1)
-    return (labels >= 0) & ~jnp.any(same & earlier, axis=2)
-
-
-def _check_labels_concrete(labels, num_classes: int) -> None:
-    """Host-side range check of concrete labels; traced labels cannot be inspected here."""
-    if isinstance(labels, jax.core.Tracer) or labels.size == 0:
-        return
-    # Concrete labels closed over by a jit trace are checked too: evaluate, do not stage.
-    with jax.ensure_compile_time_eval():
-        lo, hi = (int(v) for v in jax.device_get((jnp.min(labels), jnp.max(labels))))
-        if lo >= -1 and hi < num_classes:
-            return
-        bad = (labels < -1) | (labels >= num_classes)
-        row = int(jnp.argmax(jnp.any(bad, axis=1)))
-        example = jax.device_get(labels[row]).tolist()
-    raise ValueError(
-        f"labels must be class ids in [0, {num_classes}) or -1 (padding); got values in "
-        f"[{lo}, {hi}], e.g. row {row}: {example}."
-    )
-
-
 def mlcd_loss(
     emb: jax.Array,
     centers: jax.Array,
@@ -164,7 +136,7 @@ def mlcd_loss(
             f"sample_ratio={sample_ratio} < 1 samples random negatives: pass rng (a PRNG key, "
             "a fresh one every step)."
         )
-    _check_labels_concrete(labels, centers.shape[0])
+    pfc.check_ids_concrete(labels, centers.shape[0])
     return _mlcd_loss(
         emb,
         centers,
@@ -187,17 +159,11 @@ def _per_device(
     [C_local, D]. Returns device-invariant scalars.
     """
     num_local = centers.shape[0]
-    feats = emb * pfc.inverse_norm(emb)[:, None]  # normalise before the gather: b rows, not B
-    if axes is not None:
-        feats = jax.lax.all_gather(feats, axes, tiled=True)  # [B, D]; grad: reduce-scatter
-        labels = jax.lax.all_gather(labels, axes, tiled=True, to="invarying")  # [B, l]
-    # Ids outside [0, C) (possible only under jit, see mlcd_loss) are owned by no shard; treat
-    # them as padding everywhere.
-    labels = jnp.where(labels < num_classes, labels, -1)
+    feats, labels = pfc.gather_rows(emb, labels, num_classes, axes)  # [B, D], [B, l]
     batch = feats.shape[0]
 
     # Positive term: every row's l centers gathered directly from their owners.
-    positive = _first_occurrence(labels)
+    positive = pfc.first_occurrence(labels)  # P_i is a set: a repeated id counts once
     cos_pos = pfc.gather_cosines(feats, centers, labels, axes)  # [B, l]
     z_pos = scale * margin_fn(cos_pos)
     pos_term = jax.nn.softplus(pfc.logsumexp(-z_pos, positive, None))  # [B]; 0 if P_i empty

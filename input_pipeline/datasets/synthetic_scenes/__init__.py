@@ -1,8 +1,9 @@
 """synthetic_scenes: the embedded default dataset (offline, deterministic, builds in ~a minute).
 
 Scenes of 1-4 coloured shapes on grey-level backgrounds, with long captions (one sentence per
-object + one for the background), noisy short captions, entity ids, boxes linked to sentences and
-probe labels. `build(data_dir, ...)` prepares it; `ZEROSHOT_TASKS` lists the zero-shot tasks.
+object + one for the background), noisy short captions, alt-texts (the short caption, 30% of the
+time with a mention of an entity that is not pictured), entity ids, boxes linked to sentences
+and probe labels. `build(data_dir, ...)` prepares it; `ZEROSHOT_TASKS` lists the zero-shot tasks.
 """
 
 from input_pipeline.datasets import DATASETS

@@ -2,7 +2,9 @@
 
 Every example is a pure function of (seed, split, index): its generator is
 np.random.default_rng([seed, split_index, index]), consumed in a fixed order (scene, long caption,
-short caption, render), so any example can be regenerated alone with `generate_example`.
+short caption, render), so any example can be regenerated alone with `generate_example`. The
+alt-text's noise (1.1.0) draws from a second stream, np.random.default_rng([seed, split_index,
+index, 1]), so every feature of 1.0.0 kept its exact value.
 
 A build is complete when tfds has prepared the version directory AND both side files exist in it.
 tfds writes the shards into a temporary directory and renames it at the end, so an interrupted
@@ -11,13 +13,23 @@ and, if missing, are rebuilt from the stored train captions without regenerating
 """
 
 import contextlib
+import ctypes
 import dataclasses
+import fcntl
 import functools
 import io
 import json
+import logging
 import multiprocessing
 import os
+import re
+import shutil
+import signal
+import socket
+import sys
 import tempfile
+import threading
+import time
 from concurrent import futures
 
 import numpy as np
@@ -29,7 +41,12 @@ from PIL import Image
 from input_pipeline import tokenizers
 from input_pipeline.datasets.synthetic_scenes import captions, scenes
 
-VERSION = tfds.core.Version("1.0.0")
+VERSION = tfds.core.Version("1.1.0")
+RELEASE_NOTES = {
+    "1.1.0": "alt_text: the short caption plus, 30% of the time, a mention of an entity that is "
+    "not in the image (entity annotation's noise); every 1.0.0 feature is unchanged.",
+    "1.0.0": "Initial release.",
+}
 SPLITS = ("train", "validation", "test")
 TOKENIZER_FILE = "tokenizer.json"
 ENTITIES_FILE = "entities.json"
@@ -100,12 +117,15 @@ def generate_example(seed: int, split: str, index: int, image_size: int) -> dict
     long_caption, box_sentence = captions.long_caption(scene, rng)
     short_caption = captions.short_caption(scene, rng)
     image = scenes.render(scene, rng, image_size)
+    # A stream of its own: drawing from `rng` would change every feature generated after it.
+    alt_rng = np.random.default_rng([seed, SPLITS.index(split), index, 1])
     objs = scene.objects
     return {
         "id": f"{split}_{index:08d}",
         "image": image,
         "long_caption": long_caption,
         "short_caption": short_caption,
+        "alt_text": captions.alt_text(scene, short_caption, alt_rng),
         "num_objects": np.int32(len(objs)),
         "entity_ids": _padded([o.entity_id for o in objs], -1, np.int32),
         "colors": _padded([o.color for o in objs], -1, np.int32),
@@ -136,13 +156,25 @@ def _example_map(num_examples: int):
 
     Workers are spawned, not forked: the parent may run jax, whose threads do not survive fork.
     Spawning costs ~1-2 s, so splits under _PARALLEL_MIN_EXAMPLES are generated in-process.
+    Workers never outlive the build process, however it ends (`_pool_worker_init`): SIGKILL,
+    SIGTERM, Ctrl-C or an exception; multiprocessing's resource tracker, which holds a pipe
+    open to the parent and to every worker, exits once they are all gone.
     """
     # CPUs this process may use (a container or taskset may allow fewer than os.cpu_count()).
     workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     if num_examples < _PARALLEL_MIN_EXAMPLES or (workers or 1) < 2:
         yield map
         return
-    pool = futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    # The kernel's parent-death signal fires when the *thread* that spawned a worker ends, not
+    # the process: armed only when that is the main thread (the pool is used by the thread that
+    # enters this context). The watchdog thread covers the other cases.
+    death_signal = threading.current_thread() is threading.main_thread()
+    pool = futures.ProcessPoolExecutor(
+        workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_pool_worker_init,
+        initargs=(os.getpid(), death_signal),
+    )
     try:
         yield lambda fn, items: pool.map(fn, items, chunksize=_CHUNK)
     finally:
@@ -150,10 +182,43 @@ def _example_map(num_examples: int):
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+# Seconds between two checks of a pool worker that its parent (the build process) is alive.
+_PARENT_POLL_S = 0.2
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _pool_worker_init(parent_pid: int, death_signal: bool) -> None:
+    """Runs first in every pool worker: makes it exit as soon as the build process is gone.
+
+    A ProcessPoolExecutor worker otherwise waits forever on its task queue once its parent is
+    killed (it holds the queue's write end itself, so it never sees EOF): SIGKILL or SIGTERM of
+    a build left the workers, and through them the resource tracker, running as orphans.
+    """
+    # Ctrl-C signals the whole foreground process group. The parent handles it (the pool is
+    # shut down, queued chunks are dropped); in the workers it would only print tracebacks.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if death_signal and sys.platform.startswith("linux"):
+        # Linux: the kernel sends SIGKILL when the parent dies, however it dies.
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    # Any platform, and a parent that died before the death signal was armed: once the parent
+    # is gone the worker is re-parented, so its parent pid changes.
+    if os.getppid() != parent_pid:
+        os._exit(1)
+    threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True).start()
+
+
+def _exit_when_orphaned(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(_PARENT_POLL_S)
+    os._exit(1)  # no clean-up to do: the parent's build is gone, and with it the results
+
+
 class SyntheticScenes(tfds.core.GeneratorBasedBuilder):
     """Scenes of 1-4 coloured shapes with long/short captions, entities, boxes and probe labels."""
 
     VERSION = VERSION
+    RELEASE_NOTES = RELEASE_NOTES
     # tfds derives code_path for builders inside packages via `importlib_resources`, which it
     # imports but does not depend on for Python >= 3.9 (ModuleNotFoundError on prepare). The path
     # is only used to look for a checksums file next to the code; there is none.
@@ -174,6 +239,7 @@ class SyntheticScenes(tfds.core.GeneratorBasedBuilder):
             "image": tfds.features.Image(shape=(r, r, 3), encoding_format="png"),
             "long_caption": tfds.features.Text(),
             "short_caption": tfds.features.Text(),
+            "alt_text": tfds.features.Text(),
             "num_objects": tfds.features.Scalar(dtype=np.int32),
             "entity_ids": ints(),
             "colors": ints(),
@@ -281,6 +347,10 @@ def build(data_dir: str | os.PathLike, *, prepare: bool = True, **options: int) 
     data lands in data_dir/synthetic_scenes/<config name>/<version>, with tokenizer.json and
     entities.json beside it. Splits of >= 2000 examples are generated by a spawned process pool,
     so a calling script needs the usual `if __name__ == "__main__":` guard.
+
+    Builds of one config in several processes (sharing a filesystem) take turns on a lock file,
+    `<config name>/.build.lock`: the second waits, then finds the data prepared. The holder of
+    the lock removes the `incomplete.*` directories that killed builds of this config left.
     """
     if not data_dir:
         raise ValueError("synthetic_scenes.build needs a data_dir to write the dataset into")
@@ -296,7 +366,103 @@ def build(data_dir: str | os.PathLike, *, prepare: bool = True, **options: int) 
                 "input_pipeline.datasets.synthetic_scenes"
             )
         return builder
-    with _quiet_tfds_progress():
-        builder.download_and_prepare()
-    write_side_files(builder)
+    root = os.fspath(builder.data_dir)
+    if builder.is_prepared() and all(
+        os.path.exists(os.path.join(root, f)) for f in (TOKENIZER_FILE, ENTITIES_FILE)
+    ):
+        return builder  # nothing to write: no lock (the data may be on a read-only filesystem)
+    with _build_lock(os.path.dirname(root)) as locked:
+        if locked:
+            _remove_stale_incomplete_dirs(os.path.dirname(root))
+        # Opened again: a build that held the lock before may have prepared the data meanwhile,
+        # and a builder reads the dataset's info (splits, sizes) only when it is created.
+        builder = SyntheticScenes(config=builder.builder_config, data_dir=os.fspath(data_dir))
+        with _quiet_tfds_progress():
+            builder.download_and_prepare()
+        write_side_files(builder)
     return builder
+
+
+BUILD_LOCK_FILE = ".build.lock"
+# The temporary directory tfds generates a version into (tfds.core.utils.file_utils
+# ._get_incomplete_dir): 'incomplete.' + 6 random characters + '_' + the version directory.
+_INCOMPLETE_DIR = re.compile(rf"incomplete\.[A-Z0-9]{{6}}_{re.escape(str(VERSION))}")
+# What tfds writes into it: shards (and their temporary files), dataset_info.json,
+# features.json, and one <feature>.labels.txt per ClassLabel.
+_TFDS_FILE = re.compile(
+    r"(incomplete\.[0-9a-fA-F]{32}\.)?"
+    r"(synthetic_scenes-.+|dataset_info\.json|features\.json|[a-z_]+\.labels\.txt)"
+)
+
+
+@contextlib.contextmanager
+def _build_lock(config_dir: str):
+    """Holds an exclusive lock on `config_dir`/.build.lock while building; yields whether it
+    holds it (False where the filesystem has no locks: the build then runs as before, without
+    removing anything).
+
+    flock, not a pid file: the kernel releases it when its holder dies, whatever kills it, so a
+    lock that can be taken proves that no build() of this config is running (on this machine,
+    or on another sharing the filesystem, where the filesystem supports locks).
+    """
+    os.makedirs(config_dir, exist_ok=True)
+    path = os.path.join(config_dir, BUILD_LOCK_FILE)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        logging.warning("%s: cannot create the build lock (%s); building without it", path, e)
+        yield False
+        return
+    try:
+        locked = True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            logging.warning(
+                "%s: another build of this dataset is running (%s); waiting for it",
+                config_dir,
+                holder,
+            )
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:  # no locks on this filesystem (ENOLCK, EOPNOTSUPP)
+            logging.warning("%s: cannot lock (%s); building without the lock", path, e)
+            locked = False
+        if locked:  # who holds it, for the message of a build that has to wait
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        yield locked
+    finally:
+        os.close(fd)  # releases the lock; the file stays (removing it would race a waiter)
+
+
+def _remove_stale_incomplete_dirs(config_dir: str) -> None:
+    """Removes what killed builds of this config left in `config_dir`: tfds's temporary
+    directories (tfds removes its own on an exception, but not when the process is killed).
+
+    Called with the build lock held, so their writers are dead. Only directories named as tfds
+    names them, holding only files named as tfds names them, are removed; anything else is
+    left alone with a warning (never delete what the tool did not write).
+    """
+    for name in sorted(os.listdir(config_dir)):
+        path = os.path.join(config_dir, name)
+        if not _INCOMPLETE_DIR.fullmatch(name) or os.path.islink(path) or not os.path.isdir(path):
+            continue
+        entries = os.listdir(path)
+        foreign = [
+            e
+            for e in entries
+            if not _TFDS_FILE.fullmatch(e) or not os.path.isfile(os.path.join(path, e))
+        ]
+        if foreign:
+            logging.warning(
+                "%s: left in place: the directory of an interrupted build, but it holds files "
+                "tfds does not write (%s)",
+                path,
+                ", ".join(sorted(foreign)[:3]),
+            )
+            continue
+        logging.warning(
+            "%s: removing what an interrupted build left (%d files)", path, len(entries)
+        )
+        shutil.rmtree(path)

@@ -7,7 +7,10 @@ prompts are in-distribution text for a model trained on the captions:
 - short captions drop attributes at random and use generic nouns, producing exactly the phrasings
   the prompts use: "a photo of the red object." (no shape), "the circle." (no colour);
 - prompts use "the" before the class name, so they are grammatical for every class ("the orange
-  object", never "a orange object"); captions use "the" as well as "a"/"an".
+  object", never "a orange object"); captions use "the" as well as "a"/"an";
+- alt-texts are the short captions plus web-style noise: sometimes an extra mention of an entity
+  that is not in the image (alt-text names things not pictured), for entity annotation's teacher
+  filter to remove.
 Sentences of a long caption end with "." and contain no other ".", so `split_sentences` recovers
 them exactly.
 """
@@ -58,6 +61,10 @@ SHORT_PREFIXES = (
 )
 SHORT_SUFFIXES = ("", "", "", "", "photo", "img", "jpg", "hd", "in the photo")
 SHORT_SEPARATORS = (", ", " and ", " ", " + ")
+# Alt-text noise: how often an alt-text mentions an entity that is not in the image, and how the
+# mention is attached to the short caption (never " ": the two phrases stay apart).
+ALT_NOISE_PROB = 0.3
+ALT_SEPARATORS = (", ", " and ", " | ", " - ", " with ", " + ")
 
 SHAPE_DESCRIPTIONS = {
     "circle": "round shape with no corners",
@@ -177,6 +184,37 @@ def short_caption(scene: Scene, rng: np.random.Generator) -> str:
     return text + "." if rng.random() < 0.3 else text
 
 
+def entity_alias(color: str, shape: str) -> str:
+    """The alias of entity (color, shape): the word order of the long-caption template "one
+    {size} {shape}, colored {color}." ("circle, colored red" normalises to the alias)."""
+    return f"{shape} colored {color}"
+
+
+def alt_text(scene: Scene, short: str, rng: np.random.Generator) -> str:
+    """Web-style alt-text: the short caption `short`, plus, with probability ALT_NOISE_PROB, a
+    mention of an entity (colour + shape) drawn uniformly from those NOT in the scene, by its
+    name ("blue star") or its alias ("star colored blue"), prepended or appended.
+
+    `rng` must be a stream of its own (the builder's is np.random.default_rng([seed, split,
+    index, 1])): drawing from the example's main stream would change every feature generated
+    after the short caption, the image included.
+    """
+    if rng.random() >= ALT_NOISE_PROB:
+        return short
+    present = {obj.entity_id for obj in scene.objects}
+    absent = [e for e in range(len(COLORS) * len(SHAPES)) if e not in present]
+    entity = absent[int(rng.integers(len(absent)))]
+    color, shape = COLORS[entity // len(SHAPES)], SHAPES[entity % len(SHAPES)]
+    words = f"{color} {shape}" if rng.random() < 0.75 else entity_alias(color, shape)
+    determiner = _pick(rng, ("", "", _article(words), "the"))
+    mention = f"{determiner} {words}" if determiner else words
+    separator = _pick(rng, ALT_SEPARATORS)
+    if rng.random() < 0.5:
+        return mention + separator + short
+    body, stop = (short[:-1], ".") if short.endswith(".") else (short, "")
+    return body + separator + mention + stop
+
+
 def prompt_texts() -> Iterator[str]:
     """Every zero-shot prompt (each task's templates filled with each class name)."""
     for task in ZEROSHOT_TASKS.values():
@@ -187,8 +225,9 @@ def prompt_texts() -> Iterator[str]:
 def entities() -> list[dict]:
     """The entity table: one entry per (colour, shape), id = color * len(SHAPES) + shape.
 
-    Each entry: {id, name ("red circle"), description (one line), color, shape} where color and
-    shape are the class names (COLORS[i], SHAPES[j]).
+    Each entry: {id, name ("red circle"), aliases (["circle colored red"]: `entity_alias`, the
+    phrasing of one long-caption template), description (one line), color, shape} where color
+    and shape are the class names (COLORS[i], SHAPES[j]). The format is mlcd.entities'.
     """
     table = []
     for c, color in enumerate(COLORS):
@@ -200,6 +239,7 @@ def entities() -> list[dict]:
                 {
                     "id": c * len(SHAPES) + s,
                     "name": f"{color} {shape}",
+                    "aliases": [entity_alias(color, shape)],
                     "description": desc,
                     "color": color,
                     "shape": shape,
