@@ -1,6 +1,6 @@
 """MOFI vs CLIP on synthetic_scenes at equal compute: one command, one table, one bar chart.
 
-    python bench/mofi_vs_clip.py [--steps 1000] [--out runs/mofi_vs_clip] [--teacher WORKDIR]
+    python bench/mofi_vs_clip.py [--steps 1000] [--out runs/mofi_vs_clip] [--teacher DIR] [--oracle]
 
 1. Teacher: a CLIP tiny run on the long captions (the README's main job, 300 steps), unless
    --teacher names an existing one (a run directory or an export). It plays the CLIP model of MOFI's I2E recipe.
@@ -11,6 +11,9 @@
      mofi_sup    the entity classifier (image-only)
      mofi_con    CLIP-style contrastive with entity names as the text
      mofi_multi  both (the released MOFI models)
+   With --oracle, a fifth: sup_oracle, the classifier on perfect labels (the entities the long
+   captions name, unfiltered: precision and recall 1), which separates what the annotation
+   loses from what the model and budget cannot learn.
 4. Every run's final evaluation: image-to-image retrieval mAP (the headline; relevant = the same
    multiset of entities, which needs colour AND shape, and a looser rule, the same largest
    entity), the linear probes (shape included), and zero-shot where there is a text tower.
@@ -59,6 +62,14 @@ def run(cmd: list[str], log: str) -> None:
     if rc:
         sys.exit(f"failed with exit status {rc}: see {log}")
     print(f"  done in {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+def annotate(out_dir: str, data_dir: str, *overrides: str) -> None:
+    """python -m mlcd.annotate --config configs/annotate.py:tiny into out_dir, unless done."""
+    if not os.path.exists(os.path.join(out_dir, "annotations.json")):
+        cmd = [sys.executable, "-m", "mlcd.annotate", "--config", "configs/annotate.py:tiny"]
+        cmd += [f"--config.out_dir={out_dir}", f"--config.data.data_dir={data_dir}", *overrides]
+        run(cmd, out_dir + ".log")
 
 
 def final_metrics(workdir: str) -> dict[str, float] | None:
@@ -122,6 +133,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--out", default="runs/mofi_vs_clip")
     parser.add_argument("--data_dir", default="data")
+    parser.add_argument("--oracle", action="store_true", help="also train on perfect labels")
     parser.add_argument(
         "--teacher", help="an existing CLIP run directory or export to annotate with"
     )
@@ -134,25 +146,26 @@ def main() -> None:
     if not args.teacher:
         train("teacher", "configs/clip.py:tiny", {}, teacher, data_dir)
     entities = os.path.join(out, "entities")
-    if not os.path.exists(os.path.join(entities, "annotations.json")):
-        cmd = [sys.executable, "-m", "mlcd.annotate", "--config", "configs/annotate.py:tiny"]
-        kind = "export" if os.path.exists(os.path.join(teacher, "export.json")) else "workdir"
-        other = "workdir" if kind == "export" else "export"
-        cmd += [f"--config.teacher.{kind}={teacher}", f"--config.teacher.{other}="]
-        cmd += [f"--config.out_dir={entities}"]
-        cmd += [f"--config.data.data_dir={data_dir}"]
-        run(cmd, entities + ".log")
+    kind = "export" if os.path.exists(os.path.join(teacher, "export.json")) else "workdir"
+    other = "workdir" if kind == "export" else "export"
+    annotate(entities, data_dir, f"--config.teacher.{kind}={teacher}", f"--config.teacher.{other}=")
+    runs = dict(RUNS)
+    if args.oracle:
+        oracle = os.path.join(out, "entities_oracle")
+        unfiltered = ("--config.filter.enabled=False", "--config.teacher.workdir=")
+        annotate(oracle, data_dir, *unfiltered, "--config.data.text_key=long_caption")
+        runs["sup_oracle"] = ("configs/mofi.py:tiny_sup", {"objective.annotations": oracle})
 
     results = {}
-    for name, (spec, extra) in RUNS.items():
+    for name, (spec, extra) in runs.items():
         overrides = {
             "total_steps": str(args.steps),
             "eval_every": "0",
             "ckpt_every": str(max(args.steps // 4, 1)),
-            **extra,
         }
+        overrides.update(extra)
         if spec.startswith("configs/mofi.py"):
-            overrides["objective.annotations"] = entities
+            overrides.setdefault("objective.annotations", entities)
         workdir = os.path.join(out, name)
         train(name, spec, overrides, workdir, data_dir)
         results[name] = final_metrics(workdir)

@@ -323,7 +323,14 @@ def _start_build(data_dir: str) -> subprocess.Popen:
     )
     with open(data_dir + ".log", "a") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-c", code], cwd=REPO, stdout=log, stderr=subprocess.STDOUT
+            [sys.executable, "-c", code],
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            # A test run started in the background (`cmd &` in a script) ignores SIGINT, and
+            # children inherit that: Python then installs no KeyboardInterrupt handler. A user
+            # pressing Ctrl-C on a build is what the test is about, so restore the default.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
     proc.log = data_dir + ".log"
     return proc
