@@ -23,6 +23,8 @@ from typing import Any
 import ml_collections
 
 PRESET_SEPARATOR = ":"
+# Evaluator types that embed images only (the others need a text tower).
+IMAGE_ONLY_EVAL_TYPES = ("fewshot", "linear_probe", "image_retrieval")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -289,6 +291,14 @@ def tiny_preset(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         }
     )
     return c
+
+
+def image_only_evals(evals: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The entries of `evals` whose evaluators need no text tower (frozen-feature probes and
+    image retrieval; zero-shot, image-text retrieval and grounding embed texts)."""
+    return ml_collections.ConfigDict(
+        {k: v.to_dict() for k, v in evals.items() if v.type in IMAGE_ONLY_EVAL_TYPES}
+    )
 
 
 def paper_b16_preset(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -16,15 +16,6 @@ import ml_collections
 
 from configs import common
 
-# Frozen-feature evaluators that need no text tower (zero-shot, retrieval and grounding do).
-IMAGE_ONLY_EVALS = (
-    "fewshot",
-    "linear_probe",
-    "digits",
-    "image_retrieval",
-    "image_retrieval_largest",
-)
-
 
 def _tiny(c):
     c = common.tiny_preset(c)
@@ -35,7 +26,7 @@ def _tiny(c):
     # r = 1: at 256 centers every class fits in the step; the paper's r = 0.1 is its best at
     # 1M centers (a knob: --config.objective.sample_ratio=0.1).
     c.objective.sample_ratio = 1.0
-    c.evals = ml_collections.ConfigDict({k: c.evals[k].to_dict() for k in IMAGE_ONLY_EVALS})
+    c.evals = common.image_only_evals(c.evals)
     return c
 
 

@@ -18,15 +18,6 @@ import ml_collections
 
 from configs import common
 
-# Frozen-feature evaluators that need no text tower (the classifier-only variant has none).
-IMAGE_ONLY_EVALS = (
-    "fewshot",
-    "linear_probe",
-    "digits",
-    "image_retrieval",
-    "image_retrieval_largest",
-)
-
 
 def _tiny(w_sup: float, w_con: float, w_clip: float = 0.0):
     def preset(c):
@@ -47,7 +38,7 @@ def _tiny(w_sup: float, w_con: float, w_clip: float = 0.0):
             # Classifier only: an image-only model, as MLCD.
             c.model.text = None
             c.model.logit_scale_init = None
-            c.evals = ml_collections.ConfigDict({k: c.evals[k].to_dict() for k in IMAGE_ONLY_EVALS})
+            c.evals = common.image_only_evals(c.evals)
         return c
 
     return preset
