@@ -264,6 +264,26 @@ def gather_columns(block: jax.Array, ids: jax.Array, axes: Axes) -> jax.Array:
     return vals if axes is None else jax.lax.psum(vals, axes)
 
 
+def negative_block(
+    feats: jax.Array, block: jax.Array, ids: jax.Array, rng, sample_ratio: float, axes: Axes
+) -> tuple[jax.Array, jax.Array]:
+    """This shard's negative candidates for every row: (cos [B, k], negative bool [B, k]).
+
+    feats [B, D] unit rows (gather_rows), block [C_local, D] this shard's class rows, ids
+    [B, l] each row's own classes (-1 pads). With sample_ratio < 1 the k = num_sampled(...)
+    columns are `sample_columns(rng, ...)` (shared by the batch), else all C_local (rng
+    unused). `negative` is False at a row's own classes, which the losses score separately.
+    """
+    num_local = block.shape[0]
+    if sample_ratio < 1.0:
+        columns = sample_columns(rng, num_local, sample_ratio, shard_index(axes))
+        rows = block[columns]  # [k, D]
+    else:
+        columns, rows = None, block
+    cos = cosines(feats, rows)  # [B, k]: this shard's block only
+    return cos, ~id_mask(ids, num_local, axes, columns)
+
+
 def id_mask(ids: jax.Array, num_local: int, axes: Axes, columns: jax.Array | None = None):
     """bool [B, k]: True where column j of this shard's block is one of row i's ids.
 

@@ -158,7 +158,6 @@ def _per_device(
     emb [b, D], labels [b, l] (this device's batch rows; b = B without axes), centers
     [C_local, D]. Returns device-invariant scalars.
     """
-    num_local = centers.shape[0]
     feats, labels = pfc.gather_rows(emb, labels, num_classes, axes)  # [B, D], [B, l]
     batch = feats.shape[0]
 
@@ -170,13 +169,9 @@ def _per_device(
 
     # Negative term: this shard's sampled (or all) classes, shared by the batch, minus each
     # row's own positives.
-    if sample_ratio < 1.0:
-        columns = pfc.sample_columns(rng, num_local, sample_ratio, pfc.shard_index(axes))
-        rows = centers[columns]  # [k, D]
-    else:
-        columns, rows = None, centers
-    cos_neg = pfc.cosines(feats, rows)  # [B, k]: this shard's block only
-    negative = ~pfc.id_mask(labels, num_local, axes, columns)
+    cos_neg, negative = pfc.negative_block(
+        feats, centers, labels, rng, sample_ratio, axes
+    )  # [B, k]
     neg_term = jax.nn.softplus(pfc.logsumexp(scale * cos_neg, negative, axes))  # [B]
 
     loss = jnp.mean(pos_term + neg_term)

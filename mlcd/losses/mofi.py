@@ -147,7 +147,6 @@ def _classification_per_device(
     emb [b, D], ids [b, l] (this device's batch rows; b = B without axes), weights
     [C_local, D]. Returns device-invariant scalars.
     """
-    num_local = weights.shape[0]
     feats, ids = pfc.gather_rows(emb, ids, num_classes, axes)  # [B, D], [B, l]
     batch = feats.shape[0]
     positive = pfc.first_occurrence(ids)  # [B, l]: E_i as a set
@@ -161,13 +160,7 @@ def _classification_per_device(
 
     # Negatives: this shard's (sampled) columns, shared by the batch, minus each row's E_i
     # (already counted above).
-    if sample_ratio < 1.0:
-        columns = pfc.sample_columns(rng, num_local, sample_ratio, pfc.shard_index(axes))
-        rows = weights[columns]  # [k, D]
-    else:
-        columns, rows = None, weights
-    cos_neg = pfc.cosines(feats, rows)  # [B, k]: this shard's block only
-    negative = ~pfc.id_mask(ids, num_local, axes, columns)
+    cos_neg, negative = pfc.negative_block(feats, weights, ids, rng, sample_ratio, axes)  # [B, k]
     lse_neg = pfc.logsumexp(scale * cos_neg, negative, axes)  # [B], over every shard
 
     # L_i = log(sum_{E_i} exp z_pos + sum_{N'_i} exp z_neg) - mean_{e in E_i} z_pos_ie.
