@@ -15,30 +15,12 @@ from configs import common
 
 
 def base_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.out_dir = "runs/annotations"
-    c.verbose = True  # progress bars (tqdm: rate and ETA) for every stage
-
-    # Exactly one of: an export directory (python -m mlcd.export) or a training run directory
-    # (its checkpoint at `step`, default the latest). Needs a text tower. Unused (may stay
-    # unset) when filter.enabled is False.
-    c.teacher = ml_collections.ConfigDict()
-    c.teacher.export = ml_collections.config_dict.placeholder(str)
-    c.teacher.workdir = ml_collections.config_dict.placeholder(str)
-    c.teacher.step = ml_collections.config_dict.placeholder(int)
-
-    # Every example of `split` (tfds slicing, e.g. 'train[:10%]') gets a row of labels, keyed by
-    # its string feature 'id'.
-    c.data = ml_collections.ConfigDict()
-    c.data.name = "synthetic_scenes"
-    c.data.data_dir = "data"
-    c.data.build = ml_collections.ConfigDict()  # kwargs of a buildable dataset's builder
-    c.data.split = "train"
+    # The teacher needs a text tower; it may stay unset when filter.enabled is False.
+    c = common.labelling_config("runs/annotations")
     c.data.text_key = "alt_text"  # the text feature searched for entity names and aliases
     # A feature with each example's true entity ids (-1 pads), e.g. synthetic_scenes'
     # 'entity_ids': annotations.json then reports precision and recall. None: no report.
     c.data.ground_truth = ml_collections.config_dict.placeholder(str)
-    c.data.num_threads = 4  # image decoding threads (does not change the results)
 
     c.entities = ml_collections.ConfigDict()
     # A JSON / JSONL entity table (mlcd/entities.py). None: the dataset's own entities.json,

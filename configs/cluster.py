@@ -14,29 +14,11 @@ from configs import common
 
 
 def base_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.out_dir = "runs/clusters"
+    c = common.labelling_config("runs/clusters")
     # k-means and assignment run under this mesh: the centers are sharded along C over all its
     # devices (C must be divisible by the device count). The teacher runs data-parallel.
     c.mesh = (("data", -1),)
-    c.verbose = True  # progress bars (tqdm: rate and ETA) for every stage
-
-    # Exactly one of: an export directory (python -m mlcd.export) or a training run directory
-    # (its checkpoint at `step`, default the latest).
-    c.teacher = ml_collections.ConfigDict()
-    c.teacher.export = ml_collections.config_dict.placeholder(str)
-    c.teacher.workdir = ml_collections.config_dict.placeholder(str)
-    c.teacher.step = ml_collections.config_dict.placeholder(int)
-
-    # The examples to cluster; every example of `split` (tfds slicing, e.g. 'train[:10%]') gets
-    # labels, keyed by its string feature 'id'.
-    c.data = ml_collections.ConfigDict()
-    c.data.name = "synthetic_scenes"
-    c.data.data_dir = "data"
-    c.data.build = ml_collections.ConfigDict()  # kwargs of a buildable dataset's builder
-    c.data.split = "train"
     c.data.caption_key = "long_caption"  # the text of features='image_text_mean'
-    c.data.num_threads = 4  # image decoding threads (does not change the results)
 
     c.embed = ml_collections.ConfigDict()
     # 'image': the image embedding; 'image_text_mean': normalise(image emb + text emb), i.e. the

@@ -117,6 +117,31 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def labelling_config(out_dir: str) -> ml_collections.ConfigDict:
+    """What the labelling tools (python -m mlcd.cluster, mlcd.annotate) share: out_dir, verbose,
+    the teacher and the split to label; each tool's config adds its own keys."""
+    c = ml_collections.ConfigDict()
+    c.out_dir = out_dir
+    c.verbose = True  # progress bars (tqdm: rate and ETA) for every stage
+
+    # Exactly one of: an export directory (python -m mlcd.export) or a training run directory
+    # (its checkpoint at `step`, default the latest).
+    c.teacher = ml_collections.ConfigDict()
+    c.teacher.export = ml_collections.config_dict.placeholder(str)
+    c.teacher.workdir = ml_collections.config_dict.placeholder(str)
+    c.teacher.step = ml_collections.config_dict.placeholder(int)
+
+    # Every example of `split` (tfds slicing, e.g. 'train[:10%]') gets a row of labels, keyed by
+    # its string feature 'id'.
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "synthetic_scenes"
+    c.data.data_dir = "data"
+    c.data.build = ml_collections.ConfigDict()  # kwargs of a buildable dataset's builder
+    c.data.split = "train"
+    c.data.num_threads = 4  # image decoding threads (does not change the results)
+    return c
+
+
 def load_module(path: str) -> Any:
     """Imports a config file by path (config files need not be on sys.path)."""
     if not os.path.isfile(path):
