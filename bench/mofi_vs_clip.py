@@ -1,6 +1,7 @@
 """MOFI vs CLIP on synthetic_scenes at equal compute: one command, one table, one bar chart.
 
     python bench/mofi_vs_clip.py [--steps 1000] [--out runs/mofi_vs_clip] [--teacher DIR] [--oracle]
+        [--docs docs/evaluation.md]
 
 1. Teacher: a CLIP tiny run on the long captions (the README's main job, 300 steps), unless
    --teacher names an existing one (a run directory or an export). It plays the CLIP model of MOFI's I2E recipe.
@@ -18,21 +19,20 @@
    multiset of entities, which needs colour AND shape, and a looser rule, the same largest
    entity), the linear probes (shape included), and zero-shot where there is a text tower.
 
-Prints one markdown table and writes <out>/mofi_vs_clip.png (and the table as
-<out>/mofi_vs_clip.md). Re-running skips the steps whose outputs are complete (a run killed
-half-way resumes from its checkpoint).
+Prints one markdown table (with the budget and each run's training wall time) and writes
+<out>/mofi_vs_clip.png and <out>/mofi_vs_clip.md; with --docs (default docs/evaluation.md, ''
+for none) the table and the chart also replace the `mofi_vs_clip` section of that page (between
+its markers; the chart as docs/mofi_vs_clip.png). Re-running skips the steps whose outputs are
+complete (a run killed half-way resumes from its checkpoint). The harness is bench/comparison.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
-import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import comparison
 
 METRICS = (
     ("image_retrieval/test/map", "image retrieval mAP, same entity set"),
@@ -53,98 +53,30 @@ RUNS = {
 }
 
 
-def run(cmd: list[str], log: str) -> None:
-    """Runs cmd from the repository root, appending its output to `log`; exits on failure."""
-    print(f"$ {' '.join(cmd)}   (log: {log})", flush=True)
-    t0 = time.perf_counter()
-    with open(log, "a") as f:
-        rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
-    if rc:
-        sys.exit(f"failed with exit status {rc}: see {log}")
-    print(f"  done in {time.perf_counter() - t0:.0f} s", flush=True)
-
-
 def annotate(out_dir: str, data_dir: str, *overrides: str) -> None:
     """python -m mlcd.annotate --config configs/annotate.py:tiny into out_dir, unless done."""
     if not os.path.exists(os.path.join(out_dir, "annotations.json")):
         cmd = [sys.executable, "-m", "mlcd.annotate", "--config", "configs/annotate.py:tiny"]
         cmd += [f"--config.out_dir={out_dir}", f"--config.data.data_dir={data_dir}", *overrides]
-        run(cmd, out_dir + ".log")
-
-
-def final_metrics(workdir: str) -> dict[str, float] | None:
-    """The records of a finished run's last step, merged (None if it has not finished)."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    config = json.load(open(os.path.join(workdir, "config.json")))
-    last = [r for r in rows if r["step"] == config["total_steps"]]
-    merged = {k: v for r in last for k, v in r.items()}
-    return merged if any(k.startswith("linear_probe/") for k in merged) else None
-
-
-def train(name: str, spec: str, overrides: dict[str, str], workdir: str, data_dir: str) -> None:
-    if final_metrics(workdir) is None:
-        args = [f"--config.{k}={v}" for k, v in {"data.data_dir": data_dir, **overrides}.items()]
-        cmd = [sys.executable, "-m", "mlcd.train", "--config", spec, "--workdir", workdir, *args]
-        run(cmd, workdir + ".log")
-
-
-def table(results: dict[str, dict[str, float]]) -> str:
-    names = list(results)
-    lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
-    for key, label in METRICS:
-        values = [results[n].get(key) for n in names]
-        present = [v for v in values if v is not None]
-        best = max(present) if present else None
-        cells = [
-            "n/a" if v is None else (f"**{v:.3f}**" if v == best else f"{v:.3f}") for v in values
-        ]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def plot(results: dict[str, dict[str, float]], path: str, steps: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    names = list(results)
-    keys = [(k, label) for k, label in METRICS if any(k in r for r in results.values())]
-    width = 0.8 / len(names)
-    fig, ax = plt.subplots(figsize=(12, 4.5))
-    for i, name in enumerate(names):
-        values = [results[name].get(k, np.nan) for k, _ in keys]
-        ax.bar(np.arange(len(keys)) + (i - (len(names) - 1) / 2) * width, values, width, label=name)
-    ax.set_xticks(np.arange(len(keys)), [label for _, label in keys], rotation=25, ha="right")
-    ax.set_ylim(0, 1)
-    ax.set_title(f"MOFI vs CLIP on synthetic_scenes, {steps} steps x 128 each (n/a: no bar)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+        comparison.run(cmd, out_dir + ".log")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--out", default="runs/mofi_vs_clip")
-    parser.add_argument("--data_dir", default="data")
+    comparison.add_arguments(parser, out="runs/mofi_vs_clip")
     parser.add_argument("--oracle", action="store_true", help="also train on perfect labels")
     parser.add_argument(
         "--teacher", help="an existing CLIP run directory or export to annotate with"
     )
     args = parser.parse_args()
+    comparison.check_docs(parser, args.docs)
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     data_dir = os.path.abspath(args.data_dir)
 
     teacher = os.path.abspath(args.teacher) if args.teacher else os.path.join(out, "teacher")
     if not args.teacher:
-        train("teacher", "configs/clip.py:tiny", {}, teacher, data_dir)
+        comparison.train("configs/clip.py:tiny", {}, teacher, data_dir)
     entities = os.path.join(out, "entities")
     kind = "export" if os.path.exists(os.path.join(teacher, "export.json")) else "workdir"
     other = "workdir" if kind == "export" else "export"
@@ -156,26 +88,18 @@ def main() -> None:
         annotate(oracle, data_dir, *unfiltered, "--config.data.text_key=long_caption")
         runs["sup_oracle"] = ("configs/mofi.py:tiny_sup", {"objective.annotations": oracle})
 
-    results = {}
+    results, workdirs = {}, {}
     for name, (spec, extra) in runs.items():
-        overrides = {
-            "total_steps": str(args.steps),
-            "eval_every": "0",
-            "ckpt_every": str(max(args.steps // 4, 1)),
-        }
-        overrides.update(extra)
+        overrides = {**comparison.run_overrides(args.steps), **extra}
         if spec.startswith("configs/mofi.py"):
             overrides.setdefault("objective.annotations", entities)
-        workdir = os.path.join(out, name)
-        train(name, spec, overrides, workdir, data_dir)
-        results[name] = final_metrics(workdir)
+        workdirs[name] = os.path.join(out, name)
+        results[name] = comparison.train(spec, overrides, workdirs[name], data_dir)
 
-    text = table(results)
-    print(text)
-    with open(os.path.join(out, "mofi_vs_clip.md"), "w") as f:
-        f.write(text + "\n")
-    plot(results, os.path.join(out, "mofi_vs_clip.png"), args.steps)
-    print(f"wrote {out}/mofi_vs_clip.md and {out}/mofi_vs_clip.png")
+    title = f"MOFI vs CLIP on synthetic_scenes, {args.steps} steps x 128 each (n/a: no bar)"
+    comparison.report(
+        results, METRICS, workdirs, out, "mofi_vs_clip", title, args.docs, alt="MOFI vs CLIP"
+    )
 
 
 if __name__ == "__main__":

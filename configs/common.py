@@ -27,6 +27,22 @@ PRESET_SEPARATOR = ":"
 IMAGE_ONLY_EVAL_TYPES = ("fewshot", "linear_probe", "image_retrieval")
 
 
+# Keys added to the resolved config after runs had been written without them, each with the
+# value that reproduces the code before it: a stored config.json that lacks the key equals one
+# holding this value, so resuming or evaluating such a run is not a config change.
+ADDED_KEYS = {"model.image.patch_proj": "shared"}
+
+
+def image_tower(variant: str) -> ml_collections.ConfigDict:
+    """config.model.image of a ViT `variant` (mlcd/models/vit.py VARIANTS) with the settings a
+    config may change: pool 'cls' | 'gap' | 'map'; stem 'patch' (ViT) or 'conv' (a
+    convolutional stem, ConvStem); patch_proj 'shared' (patch tokens reach the embedding space
+    through the pooled embedding's projection) or 'separate' (a projection of their own)."""
+    return ml_collections.ConfigDict(
+        {"variant": variant, "pool": "cls", "stem": "patch", "patch_proj": "shared"}
+    )
+
+
 def base_config() -> ml_collections.ConfigDict:
     """Defaults shared by every method; each config file starts from this and edits it."""
     c = ml_collections.ConfigDict()
@@ -78,8 +94,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "two_tower"  # mlcd.models.MODELS
-    # stem: "patch" (ViT) or "conv" (a convolutional stem; mlcd/models/vit.py, ConvStem)
-    c.model.image = ml_collections.ConfigDict({"variant": "B/16", "pool": "cls", "stem": "patch"})
+    c.model.image = image_tower("B/16")
     c.model.text = ml_collections.ConfigDict({"variant": "B", "causal": True, "pool": "eos"})
     c.model.embed_dim = 512
     c.model.logit_scale_init = math.log(1 / 0.07)
@@ -176,6 +191,7 @@ def changed_keys(
     # A JSON round trip makes tuples lists, as in the stored file.
     old, new = flat(before), flat(json.loads(now.to_json()))
     skip = lambda k: any(k == p or k.startswith(p + ".") for p in ignore)
+    old = {**{k: v for k, v in ADDED_KEYS.items() if k in new}, **old}
     return [
         (k, old.get(k), new.get(k))
         for k in sorted(set(old) | set(new))
@@ -288,7 +304,7 @@ def tiny_preset(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     # No flip_lr: captions name positions ("on the left"), a flip would contradict them.
     c.pp.ops = tuple(op for op in c.pp.ops if op != "flip_lr")
     c.pp.context_length = 48
-    c.model.image = ml_collections.ConfigDict({"variant": "tiny", "pool": "cls", "stem": "patch"})
+    c.model.image = image_tower("tiny")
     c.model.text = ml_collections.ConfigDict({"variant": "tiny", "causal": True, "pool": "eos"})
     c.model.embed_dim = 128
     c.optim.lr = 1e-3
@@ -313,6 +329,18 @@ def tiny_preset(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                 "every": 0,
             },
             "grounding": {"type": "grounding", "every": 0},
+            # Dense and sentence-level (DreamLIP's claims): each long-caption sentence queries
+            # the images; zero-shot segmentation from the projected patch tokens.
+            "retrieval_sentences": {
+                "type": "retrieval",
+                "split": "test",
+                "caption_key": "long_caption",
+                "sentences": True,
+                "name": "test_sentences",
+                "ks": (1, 5),
+                "every": 0,
+            },
+            "segmentation": {"type": "segmentation", "every": 0},
         }
     )
     return c
@@ -333,7 +361,7 @@ def paper_b16_preset(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.pp.image_size = 224
     c.pp.crop_scale = (0.9, 1.0)
     c.pp.context_length = 77
-    c.model.image = ml_collections.ConfigDict({"variant": "B/16", "pool": "cls", "stem": "patch"})
+    c.model.image = image_tower("B/16")
     c.model.text = ml_collections.ConfigDict({"variant": "B/16", "causal": True, "pool": "eos"})
     c.model.embed_dim = 512
     c.model.dtype = "bfloat16"

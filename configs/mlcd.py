@@ -39,9 +39,7 @@ def _paper(variant, embed_dim, lr, microbatches):
     def preset(c):
         c = common.paper_b16_preset(c)
         c.total_steps = 32 * 400_000_000 // 32_768
-        c.model.image = ml_collections.ConfigDict(
-            {"variant": variant, "pool": "cls", "stem": "patch"}
-        )
+        c.model.image = common.image_tower(variant)
         c.model.embed_dim = embed_dim
         c.objective.num_centers = 1_048_576
         c.objective.top_l = 8

@@ -3,8 +3,10 @@
     source.map_with_index(...)                each example gets 'index', its position in the split
       .slice(process_index::process_count)    per-host shard (disjoint examples per host)
       .shuffle(seed).repeat()                 a fresh permutation every epoch
-      .map_with_index(decode, ops)            decode 'image'; config.pp.ops (transforms.py), each
-                                              op seeded by (seed, op, position in the stream)
+      .map_with_index(decode, ops)            decode 'image', add 'epoch' (passes over this host's
+                                              shard before this example); config.pp.ops
+                                              (transforms.py), each op seeded by (seed, op,
+                                              position in the stream)
       -> iter: drop unreadable records and undecodable images (counted as they are consumed,
          at most config.data.max_skipped), keep the objective's input fields, batch(host_batch)
 
@@ -83,12 +85,15 @@ class _SkippingSource:
 
 
 class _Example:
-    """Decodes one example's image and runs the ops; _Dropped (counted and dropped
-    downstream) if the image cannot be decoded. Returns only the `fields` the batch keeps."""
+    """Decodes one example's image, adds its 'epoch' and runs the ops; _Dropped (counted and
+    dropped downstream) if the image cannot be decoded. Returns only the `fields` the batch
+    keeps."""
 
-    def __init__(self, chain: transforms.Chain, fields: Sequence[str]):
+    def __init__(self, chain: transforms.Chain, fields: Sequence[str], shard_size: int):
+        """shard_size: examples in this host's shard, the length of one pass of the stream."""
         self._chain = chain
         self._fields = tuple(fields)
+        self._shard_size = shard_size
 
     def __call__(self, position: int, example: dict[str, Any] | _Dropped) -> Any:
         if isinstance(example, _Dropped):  # an unreadable record (_SkippingSource)
@@ -98,7 +103,9 @@ class _Example:
         except Exception as e:
             logging.warning("skipping example %r: unreadable image (%s)", example.get("id"), e)
             return _Dropped(f"example {example.get('id')!r}: unreadable image ({e})")
-        example = self._chain({**example, "image": image}, position)
+        # The stream is the shard repeated: position = epoch * shard_size + i (grain's repeat).
+        epoch = position // self._shard_size
+        example = self._chain({**example, "image": image, "epoch": epoch}, position)
         return {k: example[k] for k in self._fields}
 
 
@@ -135,17 +142,18 @@ class TrainIterator:
                 f"config.data.split={data.split!r}: dataset {builder.name} has splits "
                 f"{sorted(builder.info.splits)}"
             )
-        ctx = transforms.Context(
-            config=config,
-            dataset=builder.name,
-            features=tuple(builder.info.features),
-            tokenizer=tokenizer,
-        )
-        ops = transforms.build(config.pp.ops, ctx, fields)
         # Raw bytes: we decode ourselves so that a corrupt image drops one example, not the run.
         source = builder.as_data_source(
             split=data.split, decoders={"image": tfds.decode.SkipDecoding()}
         )
+        ctx = transforms.Context(
+            config=config,
+            dataset=f"{builder.name} split {data.split!r}",
+            features=tuple(builder.info.features),
+            tokenizer=tokenizer,
+            peek=lambda n: [source[i] for i in range(min(n, len(source)))],
+        )
+        ops = transforms.build(config.pp.ops, ctx, fields)
         if len(source) < process_count * host_batch_size:
             raise ValueError(
                 f"split {data.split!r} of {builder.name} has {len(source)} examples, fewer than "
@@ -153,16 +161,14 @@ class TrainIterator:
             )
         self.skipped_counter = _SkipCounter(int(data.max_skipped))
         source = _SkippingSource(source, f"split {data.split!r} in {builder.data_dir}")
-        example = _Example(transforms.Chain(ops, config.seed), fields)
-        ds = (
+        shard = (
             grain.MapDataset.source(source)
             # Before the per-host slice: the index in the split, not in this host's shard.
             .map_with_index(functools.partial(_with_index, len(source)))
             .slice(slice(process_index, None, process_count))
-            .shuffle(seed=config.seed)
-            .repeat(None)
-            .map_with_index(example)
         )
+        example = _Example(transforms.Chain(ops, config.seed), fields, len(shard))
+        ds = shard.shuffle(seed=config.seed).repeat(None).map_with_index(example)
         options = grain.ReadOptions(
             num_threads=data.num_threads, prefetch_buffer_size=data.prefetch
         )

@@ -8,9 +8,13 @@ Each op reads and writes named fields of an example dict, big_vision's `pp` regi
 An entry is a registered name, optionally called with literal keyword arguments that override
 the op's defaults (which come from the config keys each op documents, so one override such as
 --config.pp.image_size=128 reaches every op that uses it). The pipeline starts each example
-from the dataset's features (raw), with 'image' decoded to uint8 [H, W, 3] and 'index' (the
-example's position in the split) added; the ops run in the listed order; the batch keeps only
-the fields the objective declares as its `inputs`.
+from the dataset's features (raw), with 'image' decoded to uint8 [H, W, 3], 'index' (int, the
+example's position in the split) and 'epoch' (int, how many times this host's stream has passed
+over its shard before this example: 0 in the first pass) added; the ops run in the listed order;
+the batch keeps only the fields the objective declares as its `inputs`. An op that wants draws
+tied to the example rather than to the stream (the same whatever the host count) can seed its
+own generator from (config.seed, 'index', 'epoch'), e.g. with
+input_pipeline.sentences.subcaption_rng.
 
 Randomness: op number j of the list draws from its own stream, a Philox generator keyed by
 config.seed with counter (0, 0, j, p), where p is the example's position in this host's
@@ -28,7 +32,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import ml_collections
@@ -41,7 +45,7 @@ from mlcd.registry import Registry
 TRANSFORMS = Registry("transform", autoload=("mlcd.objectives",))
 
 # Fields every example has before the first op, besides the dataset's own features.
-SOURCE_FIELDS = ("image", "index")
+SOURCE_FIELDS = ("image", "index", "epoch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +56,10 @@ class Context:
     dataset: str  # the dataset's name, for messages
     features: tuple[str, ...]  # the dataset's feature names
     tokenizer: Tokenizer | None  # None for image-only models
+    # peek(n) -> the first n examples of the training split as the data source gives them
+    # (features only, images not decoded), for checks of the data against the config (e.g. a
+    # number of sub-captions no example can fill); None where there is no data source.
+    peek: Callable[[int], list[dict[str, Any]]] | None = None
 
 
 class Transform:

@@ -54,10 +54,9 @@ class Encoder:
             model = nnx.merge(graphdef, params)
             out = model.encode_image(preprocess.normalize_images(images))
             out["embedding"] = l2_normalize(out["embedding"])
-            if "patch_embeddings" in keys:
-                # Patch tokens through the image head's projection: per-patch vectors in the
-                # joint space, comparable to text embeddings (grounding, dense zero-shot).
-                out["patch_embeddings"] = l2_normalize(model.image.proj(out["patch_tokens"]))
+            # Per-patch vectors in the joint space, comparable to text embeddings (grounding,
+            # zero-shot segmentation): the tower's projected patch tokens (ViT.__call__).
+            out["patch_embeddings"] = l2_normalize(out["patch_embeddings"])
             return {k: out[k].astype(jnp.float32) for k in keys}
 
         def text_fn(params, tokens, keys):
@@ -99,7 +98,7 @@ class Encoder:
 
         keys: any of 'embedding' [N, E] (L2-normalised), 'pre_logits' [N, W] (pooled, before the
         projection), 'patch_tokens' [N, P, W] (after the final LN), 'patch_embeddings' [N, P, E]
-        (patch tokens through the projection, L2-normalised).
+        (patch tokens through the tower's patch projection, L2-normalised).
         """
         unknown = set(keys) - set(IMAGE_KEYS)
         if unknown:

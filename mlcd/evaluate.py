@@ -7,7 +7,7 @@ Evaluators are the ones the trainer runs (mlcd.evaluators), built the same way
 (evaluators.build) from the run's `config.evals` entry of that name or type where one exists,
 with defaults otherwise. The dataset is the one the model was trained with (from the run
 config or the export's data spec), unless --data_dir points elsewhere. Nothing is written
-except the --out file (and, for grounding, its heatmap PNG next to it).
+except the --out file (and, for grounding and segmentation, their PNGs next to it).
 """
 
 from __future__ import annotations
@@ -74,7 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--evals",
         default=",".join(DEFAULT_EVALS),
         help="comma-separated config.evals entry names or evaluator types "
-        "(zeroshot, retrieval, fewshot, linear_probe, image_retrieval, grounding)",
+        "(zeroshot, retrieval, fewshot, linear_probe, image_retrieval, grounding, "
+        "segmentation; a tiny run's config also names retrieval_sentences)",
     )
     parser.add_argument("--data_dir", default=None, help="dataset directory (default: the run's)")
     parser.add_argument("--out", default=None, help="JSON file for the flat metrics")

@@ -5,6 +5,9 @@ devices share the machine's cores: they prove sharding correctness, not speed.
 """
 
 import os
+import shutil
+from collections.abc import Callable
+from typing import Any
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -29,6 +32,8 @@ FINAL_ONLY_EVALS = (
     "image_retrieval",
     "image_retrieval_largest",
     "grounding",
+    "retrieval_sentences",
+    "segmentation",
 )
 
 # A small synthetic_scenes build shared by every test that trains or reads data.
@@ -68,6 +73,49 @@ def tiny_overrides(data_dir: str, **extra) -> list[str]:
         **extra,
     }
     return [f"--config.{k}={v}" for k, v in values.items()]
+
+
+def final_state(workdir: str, step: int) -> dict:
+    """{'params', 'opt_state'} of the run's checkpoint at `step`, restored as saved (same
+    topology as the test that wrote it)."""
+    import orbax.checkpoint as ocp  # lazily: most tests never restore a checkpoint
+
+    mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
+    state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+    return {k: state[k] for k in ("params", "opt_state")}
+
+
+def check_exact_resume(workdir: str, resumed: str, step: int, run: Callable[[str], Any]) -> dict:
+    """Copies the finished run `workdir` to `resumed`, deletes its last checkpoint (`step`),
+    lets run(resumed) train from the checkpoint before, and asserts that the params, the
+    optimizer state and metrics.jsonl (less the timing) equal the uninterrupted run's.
+    Returns the uninterrupted run's final_state."""
+    import jax
+    import numpy as np
+
+    from mlcd.metrics_writer import read_metrics
+
+    shutil.copytree(workdir, resumed)
+    shutil.rmtree(os.path.join(resumed, "checkpoints", str(step)))
+    run(resumed)
+    want, got = final_state(workdir, step), final_state(resumed, step)
+    for x, y in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "train/images_per_sec"} for r in rows]
+    assert strip(read_metrics(os.path.join(resumed, "metrics.jsonl"))) == strip(
+        read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    )
+    return want
+
+
+# The entries of FINAL_ONLY_EVALS that embed texts: image-only configs (MLCD, MOFI's
+# classifier; configs.common.image_only_evals) do not have them.
+TEXT_EVALS = ("grounding", "retrieval_sentences", "segmentation")
+
+
+def image_only(overrides: list[str]) -> list[str]:
+    """tiny_overrides without the entries that switch off evaluators image-only configs lack."""
+    return [o for o in overrides if not any(f".evals.{n}." in o for n in TEXT_EVALS)]
 
 
 def shard_map_shapes(jaxpr) -> list[tuple[int, ...]]:

@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 import tensorflow_datasets as tfds
-from conftest import tiny_overrides
+from conftest import image_only, tiny_overrides
 
 from mlcd import label_store
 from mlcd.clustering import store
@@ -61,5 +61,4 @@ def mlcd_overrides(scenes_dir, labels_dir, **extra):
         **{"objective.labels": labels_dir, "objective.centers_init": f"{labels_dir}/centroids.npy"},
         **extra,
     )
-    # Its evaluators are the image-only ones: no grounding entry to switch off.
-    return [o for o in overrides if not o.startswith("--config.evals.grounding.")]
+    return image_only(overrides)  # its evaluators are the image-only ones

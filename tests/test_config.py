@@ -1,6 +1,7 @@
 """Config loading, presets and `--config.key=value` overrides."""
 
 import glob
+import json
 import os
 
 import ml_collections
@@ -83,3 +84,14 @@ def test_bad_overrides_name_the_key(arg, message):
     c = common.load_config(os.path.join(ROOT, "configs", "clip.py") + ":tiny")
     with pytest.raises((KeyError, ValueError), match=message):
         common.parse_overrides(c, [arg])
+
+
+def test_a_config_stored_before_a_key_was_added_is_not_a_change():
+    """config.json of a run written before model.image.patch_proj existed lacks the key: the
+    value that reproduces the old code ('shared') is no change, any other value is."""
+    c = common.load_config(os.path.join(ROOT, "configs", "clip.py") + ":tiny")
+    stored = json.loads(c.to_json())
+    del stored["model"]["image"]["patch_proj"]
+    assert common.changed_keys(stored, c) == []
+    c.model.image.patch_proj = "separate"
+    assert common.changed_keys(stored, c) == [("model.image.patch_proj", "shared", "separate")]

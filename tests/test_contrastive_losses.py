@@ -14,6 +14,7 @@ import pytest
 from conftest import shard_map_shapes
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from numerics import finite_difference_grads
 
 from mlcd.losses import sigmoid_contrastive_loss, softmax_contrastive_loss
 
@@ -58,24 +59,6 @@ def np_sigmoid_loss(zimg, ztxt, scale, bias):
     labels = 2 * np.eye(n) - 1
     z = labels * (scale * zimg @ ztxt.T + bias)
     return np.logaddexp(0.0, -z).sum() / n  # -log_sigmoid(z) = log(1 + exp(-z))
-
-
-def np_grads(fn, zimg, ztxt, scale, bias, h=1e-6):
-    """Central finite differences of a float64 NumPy loss w.r.t. (zimg, ztxt, scale, bias)."""
-    args = [np.array(zimg), np.array(ztxt), np.array(scale), np.array(bias)]
-    grads = []
-    for a in args:
-        g = np.zeros_like(a)
-        for idx in np.ndindex(a.shape):
-            orig = a[idx]
-            a[idx] = orig + h
-            up = fn(*args)
-            a[idx] = orig - h
-            down = fn(*args)
-            a[idx] = orig
-            g[idx] = (up - down) / (2 * h)
-        grads.append(g)
-    return grads
 
 
 # ----------------------------------------------------------------------------------------------
@@ -124,7 +107,7 @@ def test_unsharded_matches_numpy(name):
     _, np_fn = CASES[name]
     want = (
         np_fn(ZIMG64, ZTXT64, SCALE, BIAS),
-        np_grads(np_fn, ZIMG64, ZTXT64, SCALE, BIAS),
+        finite_difference_grads(np_fn, (ZIMG64, ZTXT64, SCALE, BIAS)),
     )
     if name.startswith("softmax"):  # no bias: its finite-difference gradient is exactly 0
         assert want[1][3] == 0

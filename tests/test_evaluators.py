@@ -257,7 +257,7 @@ def test_zeroshot_errors():
 
 
 def test_unknown_evaluator_lists_known():
-    known = "'fewshot', 'grounding', 'image_retrieval', 'linear_probe', 'retrieval', 'zeroshot'"
+    known = "'fewshot', 'grounding', 'image_retrieval', 'linear_probe', 'retrieval', 'segmentation', 'zeroshot'"
     with pytest.raises(ValueError, match=rf"unknown evaluator 'linear'; known: \[{known}\]"):
         evaluators.EVALUATORS.get("linear")
 
@@ -324,6 +324,137 @@ def test_retrieval_missing_caption_key():
         KeyError, match="dataset 'fake_captions' split 'test' has no feature 'short_caption'"
     ):
         ev.run(FakeEncoder(identity_images, identity_texts))
+
+
+# ---------------------------------------------------------------------------- sentence retrieval
+
+# Three images; "the background is dark." is in the captions of images 0 and 1, and image 2's
+# alt text repeats a sentence of its long caption; image 1's alt is a one-word text ('' = padding).
+SENTENCE_CAPTIONS = [
+    ("a red circle. the background is dark.", ""),
+    ("a blue star.\nthe background is dark.", "blue"),
+    ("a green square. the background is light.", "the background is light."),
+]
+# Text embeddings (64-d like identity_images): sentence -> mix of image one-hots. The shared
+# sentence leans to image 1; "a green square." points at image 0 (a wrong answer).
+SENTENCE_VECTORS = {
+    "a red circle.": {0: 1.0},
+    "the background is dark.": {0: 0.6, 1: 0.8},
+    "a blue star.": {1: 1.0},
+    "blue": {1: 1.0},
+    "a green square.": {0: 1.0},
+    "the background is light.": {2: 1.0},
+}
+
+
+def sentence_builder():
+    examples = []
+    for i, (long, alt) in enumerate(SENTENCE_CAPTIONS):
+        image = np.zeros((4, 4, 3), np.uint8)
+        image[0, 0, 0] = i
+        examples.append({"image": image, "long_caption": long.encode(), "alt": alt.encode()})
+    return FakeBuilder("fake_sentences", {"test": examples}, {})
+
+
+def sentence_texts(texts):
+    z = np.zeros((len(texts), 64), np.float32)
+    for row, text in enumerate(texts):
+        for column, value in SENTENCE_VECTORS[text].items():
+            z[row, column] = value
+    return z
+
+
+def test_sentence_queries_are_distinct_with_all_their_images():
+    captions = ["a. b.", "b.\nc.", "  ", "c. c."]
+    texts, positive = retrieval.sentence_queries(captions, np.array([0, 1, 1, 2]), 3, "t")
+    assert texts == ["a.", "b.", "c."]
+    np.testing.assert_array_equal(positive, [[1, 1, 0], [0, 1, 1], [0, 0, 1]])
+    with pytest.raises(ValueError, match="t: example 1 has no sentence"):
+        retrieval.sentence_queries(["a.", " \n "], np.array([0, 1]), 2, "t")
+
+
+def test_sentence_retrieval_known_answer():
+    """Ranks by hand: t2i, "a green square." (image 2) scores image 0 first and ties image 1
+    (rank 2), every other sentence ranks one of its images first; i2t, image 0's best sentences
+    (score 1) tie the wrong "a green square." (rank 1), images 1 and 2 rank a sentence first."""
+    ev = retrieval.RetrievalEvaluator(
+        sentence_builder(), caption_key=["long_caption", "alt"], ks=(1, 2, 3), sentences=True
+    )
+    metrics = ev.run(FakeEncoder(identity_images, sentence_texts))
+    expected = {"t2i_r1": 5 / 6, "t2i_r2": 5 / 6, "t2i_r3": 1.0}
+    expected.update({"i2t_r1": 2 / 3, "i2t_r2": 1.0, "i2t_r3": 1.0})
+    assert metrics == pytest.approx({f"retrieval/test/{k}": v for k, v in expected.items()})
+    texts, positive = ev._load_sentences()
+    assert texts == [
+        "a red circle.",
+        "the background is dark.",
+        "a blue star.",
+        "blue",
+        "a green square.",
+        "the background is light.",
+    ]
+    assert positive[:, 1].tolist() == [True, True, False]  # one query, both images correct
+    assert positive.sum() == 7  # image 2's repeated sentence counts once
+
+
+def test_shared_sentence_rule_changes_the_result():
+    """Single-target scoring (the shared sentence's first image only) misses "the background
+    is dark." at R@1, since it scores image 1 higher: t2i R@1 4/6 instead of 5/6."""
+    ev = retrieval.RetrievalEvaluator(
+        sentence_builder(), caption_key=["long_caption", "alt"], ks=(1,), sentences=True
+    )
+    images, _, _ = ev._load()
+    texts, positive = ev._load_sentences()
+    sim = identity_images(images) @ sentence_texts(texts).T
+    shared = retrieval.recalls_from_ranks(*retrieval.positive_ranks(sim, positive), ks=(1,))
+    single = retrieval.retrieval_recalls(sim, positive.argmax(axis=0), ks=(1,))
+    assert shared["t2i_r1"] == pytest.approx(5 / 6) and single["t2i_r1"] == pytest.approx(4 / 6)
+
+
+def test_sentence_retrieval_perfect_model_on_synthetic_scenes_captions():
+    """A model scoring 1 for every (image, sentence of its caption) pair and 0 otherwise gets
+    R@1 = 1 both ways; with one target image per sentence the shared ones would miss."""
+    from input_pipeline.datasets import synthetic_scenes
+
+    captions = [
+        synthetic_scenes.generate_example(0, "test", i, 32)["long_caption"] for i in range(60)
+    ]
+    _, positive = retrieval.sentence_queries(captions, np.arange(60), 60, "scenes")
+    assert positive.sum(axis=0).max() > 1  # e.g. background sentences recur
+    sim = positive.astype(np.float32)
+    assert set(retrieval.recalls_from_ranks(*retrieval.positive_ranks(sim, positive)).values()) == {
+        1.0
+    }
+    # Single target: each sentence's first image only (t2i; some images would have no text).
+    first = np.zeros_like(positive)
+    first[positive.argmax(axis=0), np.arange(positive.shape[1])] = True
+    assert np.mean(common.best_positive_rank(sim.T, first.T) == 0) < 1.0
+
+
+def test_sentences_false_is_the_caption_protocol():
+    builder = sentence_builder()
+    off = retrieval.RetrievalEvaluator(
+        builder, caption_key=["long_caption", "alt"], sentences=False
+    )
+    metrics = off.run(FakeEncoder(identity_images, random_embed(0, dim=64)))
+    images, captions, text_to_image = off._load()
+    assert len(captions) == 5  # whole captions ('' alt dropped), not split
+    np.testing.assert_array_equal(text_to_image, [0, 1, 1, 2, 2])
+    ztxt = random_embed(0, dim=64)(captions)  # the vectors the encoder gave
+    expected = retrieval.retrieval_recalls(identity_images(images) @ ztxt.T, text_to_image)
+    assert metrics == {f"retrieval/test/{k}": v for k, v in expected.items()}
+    # positive_ranks on the one-hot caption -> image matrix is retrieval_ranks.
+    rng = np.random.default_rng(0)
+    sim = np.round(rng.normal(size=(3, 5)), 1)
+    onehot = text_to_image[None, :] == np.arange(3)[:, None]
+    for a, b in zip(
+        retrieval.retrieval_ranks(sim, text_to_image),
+        retrieval.positive_ranks(sim, onehot),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="text 1 describes no image"):
+        retrieval.positive_ranks(np.zeros((2, 2)), np.array([[True, False], [True, False]]))
 
 
 # ---------------------------------------------------------------------------- a real tfds builder

@@ -100,6 +100,16 @@ def test_evaluate_cli_writes_only_its_output(run, tmp_path, capsys):
     assert results["retrieval/test/i2t_r1"] == final["retrieval/test/i2t_r1"]
     assert "retrieval/test/t2i_r5" in capsys.readouterr().out
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
+    # DreamLIP's metrics run the same way: zero-shot segmentation (its PNG beside --out) and
+    # sentence-level retrieval (the run config's retrieval_sentences entry).
+    dense = str(tmp_path / "dense" / "results.json")
+    args = ["--workdir", workdir, "--evals", "segmentation,retrieval_sentences", "--out", dense]
+    assert evaluate.main(args) == 0
+    with open(dense) as f:
+        results = json.load(f)
+    for key in ("segmentation/test/color_miou", "retrieval/test_sentences/t2i_r5"):
+        assert 0.0 <= results[key] <= 1.0, key
+    assert sorted(os.listdir(os.path.dirname(dense))) == ["results.json", "segmentation_test.png"]
     bad = os.path.join(workdir, "checkpoints", "r.json")
     assert evaluate.main(["--workdir", workdir, "--evals", "retrieval", "--out", bad]) == 2
     assert "never writes into" in capsys.readouterr().err

@@ -20,6 +20,7 @@ import pytest
 from conftest import shard_map_shapes
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from numerics import finite_differences
 
 from mlcd import partial_fc as pfc
 from mlcd.losses import mlcd_loss
@@ -139,22 +140,6 @@ def dense_reference(emb, centers, labels, *, scale, margin, margin_type, negativ
     with jax.enable_x64(True):
         value, grads = jax.value_and_grad(loss, argnums=(0, 1))(emb, centers)
         return float(value), tuple(np.asarray(g) for g in grads)
-
-
-def finite_differences(fn, args, coords, h=1e-6):
-    """Central differences of fn(*args) (float64) at coords, a list of (arg index, index)."""
-    args = [np.array(a) for a in args]
-    out = []
-    for which, idx in coords:
-        a = args[which]
-        orig = a[idx]
-        a[idx] = orig + h
-        up = fn(*args)
-        a[idx] = orig - h
-        down = fn(*args)
-        a[idx] = orig
-        out.append((up - down) / (2 * h))
-    return np.array(out)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -72,17 +72,51 @@ def _text(**overrides):
 def test_vit_outputs(pool):
     vit = build_vit(dict(IMAGE, pool=pool), embed_dim=16, dtype=jnp.float32, rngs=nnx.Rngs(0))
     out = vit(_images())
-    assert set(out) == {"embedding", "pre_logits", "patch_tokens"}
+    assert set(out) == {"embedding", "pre_logits", "patch_tokens", "patch_embeddings"}
     assert out["embedding"].shape == (B, 16)
     assert out["pre_logits"].shape == (B, 32)
     assert out["patch_tokens"].shape == (B, 16, 32)  # (16 / 4)^2 patches, no cls token
     assert all(v.dtype == jnp.float32 for v in out.values())
     np.testing.assert_allclose(out["embedding"], out["pre_logits"] @ vit.proj.kernel[...], 1e-5)
+    # patch_proj='shared' (the default): the patches go through the pooled embedding's `proj`.
+    np.testing.assert_allclose(
+        out["patch_embeddings"], out["patch_tokens"] @ vit.proj.kernel[...], atol=1e-5
+    )
     if pool == "gap":
         np.testing.assert_allclose(out["pre_logits"], out["patch_tokens"].mean(1), atol=1e-5)
     # Patch tokens come after the final LayerNorm (with its init scale 1, bias 0).
     np.testing.assert_allclose(out["patch_tokens"].mean(-1), 0.0, atol=1e-5)
     np.testing.assert_allclose(out["patch_tokens"].std(-1), 1.0, atol=1e-3)
+
+
+def test_separate_patch_projection():
+    """patch_proj='separate': the patches get a projection of their own, the pooled embedding
+    keeps `proj`; 'shared' has no such parameter."""
+    vit = build_vit(
+        dict(IMAGE, patch_proj="separate"), embed_dim=16, dtype=jnp.float32, rngs=nnx.Rngs(0)
+    )
+    out = vit(_images())
+    kernel = vit.patch_proj.kernel[...]
+    assert kernel.shape == (32, 16)
+    np.testing.assert_allclose(out["patch_embeddings"], out["patch_tokens"] @ kernel, atol=1e-5)
+    np.testing.assert_allclose(out["embedding"], out["pre_logits"] @ vit.proj.kernel[...], 1e-5)
+    assert np.abs(kernel - vit.proj.kernel[...]).max() > 0.01  # its own initialisation
+    shared = build_vit(IMAGE, embed_dim=16, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    assert not hasattr(shared, "patch_proj")
+
+
+def test_short_token_sequences_use_the_first_positions():
+    """tokens [B, L'] with L' < context_length: the first L' position embeddings; under the
+    causal mask a row's features equal those of the same row padded to context_length."""
+    text, tok = _text(), _tokens()
+    short = jnp.asarray(tok[:, :5])
+    np.testing.assert_allclose(
+        text.token_features(short), text.token_features(jnp.asarray(tok))[:, :5], atol=1e-6
+    )
+    # Row 2's EOS is at position 2 < 5: its pooled embedding is the same either way.
+    np.testing.assert_allclose(
+        text(short)["embedding"][2], text(jnp.asarray(tok))["embedding"][2], atol=1e-6
+    )
 
 
 def test_patch_embed_is_the_strided_convolution():
@@ -372,6 +406,7 @@ def test_overrides_apply():
         (dict(text=dict(TEXT, variant="XL")), "Unknown text variant 'XL'"),
         (dict(text=dict(TEXT, casual=False)), r"Unknown text config key\(s\) \['casual'\]"),
         (dict(image=dict(IMAGE, pool="max")), "Unknown image pool 'max'"),
+        (dict(image=dict(IMAGE, patch_proj="own")), "Unknown image patch_proj 'own'"),
         (dict(text=dict(TEXT, pool="last")), "Unknown text pool 'last'"),
         (dict(text=dict(TEXT, pad_id=None)), "pad_id"),
         (dict(dtype="float16"), "Unknown model dtype 'float16'"),
@@ -388,7 +423,7 @@ def test_input_shape_errors():
     model = build_model(_model_cfg(), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"images must be \[B, 16, 16, 3\]"):
         model.encode_image(jnp.zeros((1, 32, 32, 3)))
-    with pytest.raises(ValueError, match=r"tokens must be \[B, 8\]"):
+    with pytest.raises(ValueError, match=r"tokens must be \[B, L\] with L <= 8"):
         model.encode_text(jnp.zeros((1, 9), jnp.int32))
 
 

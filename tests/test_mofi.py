@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import SMALL_SCENES, tiny_overrides
+from conftest import SMALL_SCENES, check_exact_resume, image_only, tiny_overrides
 
 import mlcd
 from configs import common
@@ -54,7 +54,7 @@ def annotations(scenes_dir, tmp_path_factory):
 def _config(variant, scenes_dir, annotations_dir="unused", **extra):
     config = common.load_config(os.path.join(ROOT, f"configs/mofi.py:{variant}"))
     overrides = tiny_overrides(scenes_dir, **{"objective.annotations": annotations_dir, **extra})
-    common.parse_overrides(config, [o for o in overrides if ".grounding." not in o])
+    common.parse_overrides(config, image_only(overrides) if variant == "tiny_sup" else overrides)
     return config
 
 
@@ -205,12 +205,6 @@ def test_entity_ops_refuse_a_store_that_does_not_match(scenes_builder, annotatio
         _ops(config, scenes_builder)
 
 
-def _final_state(workdir, step):
-    mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
-    state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
-    return {k: state[k] for k in ("params", "opt_state")}
-
-
 def test_multitask_trains_resumes_exactly_and_exports_two_towers(scenes_dir, annotations, tmp_path):
     """4 steps on the 8-device mesh; a copy cut back to its step-2 checkpoint resumes to the
     same params, optimizer state (entity classifier included) and metrics.jsonl. The export
@@ -227,18 +221,15 @@ def test_multitask_trains_resumes_exactly_and_exports_two_towers(scenes_dir, ann
         records[-1]["train/loss"], records[-1]["train/sup_loss"] + records[-1]["train/con_loss"]
     )
 
-    resumed = str(tmp_path / "resumed")
-    shutil.copytree(workdir, resumed)
-    shutil.rmtree(os.path.join(resumed, "checkpoints", "4"))
-    train.train_and_evaluate(_config("tiny", scenes_dir, annotations, **extra), resumed)
-    a, b = _final_state(workdir, 4), _final_state(resumed, 4)
-    assert a["params"]["heads"]["entities"].shape == (C, E)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "train/images_per_sec"} for r in rows]
-    assert strip(read_metrics(os.path.join(resumed, "metrics.jsonl"))) == strip(
-        read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    state = check_exact_resume(
+        workdir,
+        str(tmp_path / "resumed"),
+        4,
+        lambda resumed: train.train_and_evaluate(
+            _config("tiny", scenes_dir, annotations, **extra), resumed
+        ),
     )
+    assert state["params"]["heads"]["entities"].shape == (C, E)
 
     out = export.export(workdir, str(tmp_path / "export"))
     saved = ocp.StandardCheckpointer().metadata(os.path.join(out, "params")).item_metadata

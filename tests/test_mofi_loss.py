@@ -23,6 +23,7 @@ import pytest
 from conftest import shard_map_shapes
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from numerics import finite_differences, np_logsumexp
 
 from mlcd import partial_fc as pfc
 from mlcd.losses import (
@@ -57,27 +58,6 @@ def _assert_grads_close(got, want, names, what):
         np.testing.assert_allclose(
             g, w, rtol=1e-4, atol=1e-5 * np.abs(w).max(), err_msg=f"{what}: d/d{name}"
         )
-
-
-def finite_differences(fn, args, coords, h=1e-6):
-    """Central differences of fn(*args) (float64) at coords, a list of (arg index, index)."""
-    args = [np.array(a, np.float64) for a in args]
-    out = []
-    for which, idx in coords:
-        a = args[which]
-        orig = a[idx]
-        a[idx] = orig + h
-        up = fn(*args)
-        a[idx] = orig - h
-        down = fn(*args)
-        a[idx] = orig
-        out.append((up - down) / (2 * h))
-    return np.array(out)
-
-
-def _np_logsumexp(z):
-    top = z.max()
-    return top + np.log(np.exp(z - top).sum())
 
 
 # ==============================================================================================
@@ -123,7 +103,7 @@ def np_classification(emb, weights, ids, *, scale, margin, negatives=None, metri
             continue
         logits = {c: scale * cos[c] for c in negs}
         logits.update({c: scale * (cos[c] - margin) for c in entities})
-        lse = _np_logsumexp(np.array(list(logits.values())))
+        lse = np_logsumexp(np.array(list(logits.values())))
         losses.append(np.mean([lse - logits[c] for c in entities]))
         pos_cos.extend(cos[entities])
         correct.append(max(cos[entities]) >= max(cos[negs], default=-np.inf))
@@ -429,10 +409,10 @@ def np_contrastive(zimg, ztxt, image_ents, text_ents, scale, *, reduction="mean"
     l_i2t = l_t2i = 0.0
     for i in valid:
         logits = np.array([scale * zimg[i] @ ztxt[j] for j in valid if kept(i, j)])
-        l_i2t += _np_logsumexp(logits) - scale * zimg[i] @ ztxt[i]
+        l_i2t += np_logsumexp(logits) - scale * zimg[i] @ ztxt[i]
     for j in valid:
         logits = np.array([scale * zimg[i] @ ztxt[j] for i in valid if kept(i, j)])
-        l_t2i += _np_logsumexp(logits) - scale * zimg[j] @ ztxt[j]
+        l_t2i += np_logsumexp(logits) - scale * zimg[j] @ ztxt[j]
     if not valid:
         return 0.0
     l_i2t, l_t2i = l_i2t / len(valid), l_t2i / len(valid)

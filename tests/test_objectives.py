@@ -7,7 +7,7 @@ import os
 import jax
 import numpy as np
 import pytest
-from conftest import tiny_overrides
+from conftest import image_only, tiny_overrides
 from mlcd_fakes import dataset_ids, random_cluster_output, write_cluster_output
 
 from configs import common
@@ -23,7 +23,7 @@ METHOD_CONFIGS = ("clip", "align", "siglip", "mlcd")
 def _load(name, **extra):
     config = common.load_config(os.path.join(ROOT, f"configs/{name}.py:tiny"))
     overrides = tiny_overrides("unused", **extra)
-    common.parse_overrides(config, [o for o in overrides if ".grounding." not in o])
+    common.parse_overrides(config, image_only(overrides))
     return config
 
 
@@ -122,7 +122,7 @@ def _iterator(scenes_builder, scenes_dir, labels_dir, host=(0, 1), **extra):
     """The MLCD tiny TrainIterator (host batches of 16) of host (index, count)."""
     config = common.load_config(os.path.join(ROOT, "configs/mlcd.py:tiny"))
     overrides = tiny_overrides(scenes_dir, **{"objective.labels": labels_dir, **extra})
-    common.parse_overrides(config, [o for o in overrides if ".grounding." not in o])
+    common.parse_overrides(config, image_only(overrides))
     return TrainIterator(
         scenes_builder,
         config,

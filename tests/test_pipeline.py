@@ -240,6 +240,44 @@ def test_each_op_draws_from_its_own_stream(scenes_builder, scenes_dir, tokenizer
     assert not np.array_equal(tokens[0], tokens[1])  # the captions were drawn differently
 
 
+@transforms.TRANSFORMS.register("test_stamp_index_epoch")
+class _StampIndexEpoch(transforms.Transform):
+    """'stamp': int64 [2] = (the source fields 'index', 'epoch') of the example."""
+
+    reads = ("index", "epoch")
+    writes = ("stamp",)
+
+    def __call__(self, example, rng):
+        return {"stamp": np.array([example["index"], example["epoch"]], np.int64)}
+
+
+@pytest.mark.parametrize("process_count", [1, 2, 3])
+def test_examples_carry_their_epoch(scenes_builder, scenes_dir, process_count):
+    """'epoch' counts the passes of each host's stream over its shard (256 examples, so with 3
+    hosts shards of 86, 85 and 85: a pass is the host's shard, not the split / hosts)."""
+    config = _with_ops(scenes_dir, ["test_stamp_index_epoch"])
+    n = SMALL_SCENES["train_size"]
+    for host in range(process_count):
+        it = _iterator(
+            scenes_builder,
+            config,
+            None,
+            fields=("stamp",),
+            host_batch_size=16,
+            process_index=host,
+            process_count=process_count,
+        )
+        shard = list(range(host, n, process_count))
+        batches = _take(it, -(-5 * len(shard) // 32))  # ~2.5 passes
+        index, epoch = np.concatenate([b["stamp"] for b in batches]).T
+        position = np.arange(len(index))
+        np.testing.assert_array_equal(epoch, position // len(shard))
+        for e in range(2):  # each full pass holds every example of the shard once
+            assert sorted(index[epoch == e]) == shard
+        assert len(set(index[epoch == 2])) == (epoch == 2).sum()
+        assert not np.array_equal(index[epoch == 0], index[epoch == 1])  # reshuffled
+
+
 def test_first_op_stream_is_grains_random_map_stream():
     """Op 0 draws what grain's random_map draws for the same seed and position: runs made when
     the crop was a grain random_map reproduce exactly."""

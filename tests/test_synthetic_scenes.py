@@ -1,16 +1,21 @@
-"""synthetic_scenes: determinism, features, geometry, caption links, side files, CLI, registry."""
+"""synthetic_scenes: determinism, features, geometry, segmentation maps, caption links, side
+files, CLI, registry, and reading builds of older versions."""
 
+import hashlib
 import json
+import logging
 import os
 import re
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from PIL import Image, ImageDraw
 
 from input_pipeline import tokenizers
 from input_pipeline.datasets import get_builder
@@ -18,9 +23,11 @@ from input_pipeline.datasets import synthetic_scenes as ss
 from input_pipeline.datasets.synthetic_scenes import __main__ as cli
 from input_pipeline.datasets.synthetic_scenes import builder as builder_lib
 from input_pipeline.datasets.synthetic_scenes import captions, scenes
+from mlcd.evaluators import common
 
 TINY = dict(train_size=40, validation_size=10, test_size=20, image_size=32)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VERSION = str(builder_lib.VERSION)
 
 
 def _examples(builder, split):
@@ -51,7 +58,7 @@ def test_split_sizes_ids_and_layout(built, data):
     assert {s: len(v) for s, v in data.items()} == {"train": 40, "validation": 10, "test": 20}
     root = os.fspath(built.data_dir)
     assert root.endswith(
-        os.path.join("synthetic_scenes", "train40_val10_test20_res32_seed0_vocab1024", "1.1.0")
+        os.path.join("synthetic_scenes", "train40_val10_test20_res32_seed0_vocab1024", VERSION)
     )
     assert any(f.endswith(".array_record-00000-of-00001") for f in os.listdir(root))
     for split in ss.SPLITS:
@@ -64,6 +71,7 @@ def test_feature_shapes_dtypes_and_padding(data):
     k = ss.MAX_OBJECTS
     for ex in _all(data):
         assert ex["image"].dtype == np.uint8 and ex["image"].shape == (32, 32, 3)
+        assert ex["segmentation"].dtype == np.uint8 and ex["segmentation"].shape == (32, 32)
         assert isinstance(ex["long_caption"], bytes) and isinstance(ex["short_caption"], bytes)
         n = int(ex["num_objects"])
         assert 1 <= n <= k
@@ -173,6 +181,7 @@ def test_examples_regenerate_independently(data):
         assert stored["long_caption"].decode() == fresh["long_caption"]
         assert stored["short_caption"].decode() == fresh["short_caption"]
         np.testing.assert_array_equal(stored["boxes"], fresh["boxes"])
+        np.testing.assert_array_equal(stored["segmentation"], fresh["segmentation"])
 
 
 def test_build_is_deterministic_across_dirs_and_generation_paths(tmp_path, monkeypatch, data):
@@ -297,12 +306,194 @@ def test_cli_builds(tmp_path, capsys):
     cmd += ["--train_size", "6", "--validation_size", "2", "--test_size", "3", "--image_size", "16"]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    root = tmp_path / "synthetic_scenes" / "train6_val2_test3_res16_seed0_vocab1024" / "1.1.0"
+    root = tmp_path / "synthetic_scenes" / "train6_val2_test3_res16_seed0_vocab1024" / VERSION
     assert f"ready in {root}" in out.stdout
     assert (root / ss.TOKENIZER_FILE).is_file() and (root / ss.ENTITIES_FILE).is_file()
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["--data_dir", str(tmp_path), "--test_size", "0"])
     assert exit_info.value.code == 2 and "test_size" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- segmentation (1.2.0)
+
+
+def test_segmentation_labels_each_object_inside_its_box(data):
+    """Every object slot j < num_objects labels some pixels (j + 1), all inside its box's pixel
+    range; no other label occurs; the labelled pixels are the object's colour and the
+    background pixels are not saturated."""
+    palette = scenes.COLOR_RGB
+    for ex in _all(data):
+        seg, n, r = ex["segmentation"], int(ex["num_objects"]), 32
+        assert set(np.unique(seg).tolist()) <= set(range(n + 1)), ex["id"]
+        img = ex["image"].astype(np.float32)
+        for j in range(n):
+            ys, xs = np.nonzero(seg == j + 1)
+            assert len(ys) > 0, (ex["id"], j)
+            y0, x0, y1, x1 = ex["boxes"][j] * r
+            assert ys.min() >= np.floor(y0) and ys.max() < np.ceil(y1), (ex["id"], j)
+            assert xs.min() >= np.floor(x0) and xs.max() < np.ceil(x1), (ex["id"], j)
+            pixels = img[ys, xs]
+            nearest = np.argmin(((pixels[:, None] - palette[None]) ** 2).sum(-1), axis=1)
+            # Edge pixels (alpha 0.5..1) blend with the background; the majority decides.
+            assert np.mean(nearest == ex["colors"][j]) >= 0.5, (ex["id"], j)
+        # A background pixel has alpha < 0.5: at most half an object's saturation (<= 255)
+        # plus its colour jitter (+-12 a channel) and the background's tint (+-6 a channel).
+        saturation = img.max(-1) - img.min(-1)
+        assert saturation[seg == 0].max(initial=0) <= 0.5 * (255 + 24) + 12, ex["id"]
+
+
+@pytest.mark.parametrize("image_size", [16, 33, 64])
+def test_segmentation_is_the_alpha_that_render_composites(image_size):
+    """The label is the object covering at least half of a pixel's sub-pixels, counted directly
+    here; objects never share a sub-pixel; and seg > 0 agrees with the alpha `render`
+    composites (all objects drawn on one mask, box-filtered the same way) wherever one object
+    alone covers the pixel: seg = 0 under an alpha >= 0.5 only in a pixel that two objects
+    share (each under half of it; the gap between objects is 0.03 of the image side)."""
+    s = scenes.SUPERSAMPLE
+    big = image_size * s
+    for i in range(60):
+        scene = scenes.sample_scene(np.random.default_rng([5, i]))
+        seg = scenes.segmentation(scene, image_size)
+        assert seg.dtype == np.uint8 and seg.shape == (image_size, image_size)
+        union = Image.new("L", (big, big))
+        labels = Image.new("L", (big, big))
+        for j, obj in enumerate(scene.objects):
+            scenes._draw_object(ImageDraw.Draw(union), obj, big, 255)
+            single = Image.new("L", (big, big))
+            scenes._draw_object(ImageDraw.Draw(single), obj, big, 255)
+            covered = np.asarray(labels) > 0
+            assert not (covered & (np.asarray(single) > 0)).any(), (i, j)  # no shared sub-pixel
+            scenes._draw_object(ImageDraw.Draw(labels), obj, big, j + 1)
+        blocks = np.asarray(labels).reshape(image_size, s, image_size, s)
+        counts = np.stack(
+            [(blocks == j + 1).sum(axis=(1, 3)) for j in range(len(scene.objects))]
+        )  # [K, R, R]
+        expected = np.where(2 * counts.max(0) >= s * s, counts.argmax(0) + 1, 0)
+        np.testing.assert_array_equal(seg, expected)
+        alpha = np.asarray(union.reduce(s), np.float32) / 255.0
+        shared = (counts > 0).sum(0) >= 2
+        assert (alpha[seg > 0] >= 0.5).all()
+        np.testing.assert_array_equal((seg > 0)[~shared], (alpha >= 0.5)[~shared])
+
+
+# What generate_example gave with the 1.1.0 code (commit cc6cd3c, before the segmentation
+# feature existed): a digest of every 1.1.0 feature, per (seed, split, index, image_size).
+FEATURES_1_1_0 = (
+    "id",
+    "image",
+    "long_caption",
+    "short_caption",
+    "alt_text",
+    "num_objects",
+    "entity_ids",
+    "colors",
+    "shapes",
+    "sizes",
+    "boxes",
+    "box_sentence",
+    "largest_shape",
+    "largest_color",
+    "count",
+    "background",
+)
+DIGESTS_1_1_0 = {
+    (0, "train", 0, 64): "e89c175feaf3f1d5",
+    (0, "train", 5, 64): "41e5d842da8bb78f",
+    (0, "validation", 3, 64): "2612cdb8139adc1c",
+    (0, "test", 11, 64): "e04b1b7ed4f6ff4c",
+    (3, "test", 1999, 64): "b1b7449e07a1809e",
+    (0, "train", 7, 32): "1e8a73619f39159a",
+}
+
+
+def _digest(example: dict, keys) -> str:
+    """sha256 of the values of `keys` (name, dtype, shape and bytes of each), 16 hex digits."""
+    h = hashlib.sha256()
+    for key in sorted(keys):
+        value = example[key]
+        if isinstance(value, str):
+            value = value.encode()
+        if isinstance(value, bytes):
+            h.update(key.encode() + b"=" + value + b";")
+        else:
+            a = np.asarray(value)
+            h.update(f"{key}:{a.dtype.str}:{a.shape}=".encode() + a.tobytes() + b";")
+    return h.hexdigest()[:16]
+
+
+def test_every_1_1_0_feature_is_unchanged(tmp_path):
+    """Adding segmentation consumed no rng: images, captions and labels are what 1.1.0
+    generated, at the default 64 px (digests) and in a real 1.1.0 build (the fixture)."""
+    for args, want in DIGESTS_1_1_0.items():
+        example = ss.generate_example(*args)
+        assert set(example) == {*FEATURES_1_1_0, "segmentation"}
+        assert _digest(example, FEATURES_1_1_0) == want, args
+    old = ss.build(_fixture(tmp_path), prepare=False, **FIXTURE_BUILD)
+    assert sorted(old.info.features.keys()) == sorted(FEATURES_1_1_0)
+    for split in ss.SPLITS:
+        source = old.as_data_source(split)
+        assert len(source) == FIXTURE_BUILD[f"{split}_size"]
+        for i in range(len(source)):
+            stored, fresh = source[i], ss.generate_example(0, split, i, 16)
+            for key in FEATURES_1_1_0:
+                value = fresh[key].encode() if isinstance(fresh[key], str) else fresh[key]
+                np.testing.assert_array_equal(stored[key], value, err_msg=f"{split} {i} {key}")
+
+
+# ---------------------------------------------------------------------------- older builds
+
+# tests/fixtures/synthetic_scenes_1.1.0/build.tar.gz: a data_dir holding the build of this config
+# made by the 1.1.0 code (see the README beside it).
+FIXTURE_BUILD = dict(train_size=6, validation_size=2, test_size=3, image_size=16)
+FIXTURE_TAR = os.path.join(REPO, "tests", "fixtures", "synthetic_scenes_1.1.0", "build.tar.gz")
+
+
+def _fixture(where) -> str:
+    """Unpacks a fresh copy of the 1.1.0 fixture's data_dir into `where`; returns it."""
+    with tarfile.open(FIXTURE_TAR) as tar:
+        # filter="data" (no absolute paths, links out, devices) where tarfile has it (3.11.4+).
+        tar.extractall(where, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+    return str(where)
+
+
+def test_prepare_false_opens_an_older_build_then_prepare_builds_the_new_version(tmp_path, caplog):
+    data_dir = _fixture(tmp_path / "data")
+    config = ss.SyntheticScenesConfig.create(**FIXTURE_BUILD)
+    config_dir = tmp_path / "data" / "synthetic_scenes" / config.name
+    assert sorted(os.listdir(config_dir)) == ["1.1.0"]
+    before = {p.name: p.read_bytes() for p in (config_dir / "1.1.0").iterdir()}
+
+    with caplog.at_level(logging.WARNING):
+        old = get_builder("synthetic_scenes", data_dir, build=False, **FIXTURE_BUILD)
+    assert str(old.version) == "1.1.0" and old.name == "synthetic_scenes"
+    assert os.fspath(old.data_dir) == str(config_dir / "1.1.0")
+    assert "opened the older build" in caplog.text and "['segmentation']" in caplog.text
+    assert os.path.isfile(os.path.join(old.data_dir, ss.TOKENIZER_FILE))  # side files beside
+    example = old.as_data_source("test")[2]
+    assert example["image"].shape == (16, 16, 3) and example["id"] == b"test_00000002"
+    # An evaluator asking for the new feature gets a clear error naming it.
+    with pytest.raises(KeyError, match="has no feature 'segmentation'"):
+        common.read_split(old, "test", ["image", "segmentation"])
+    common.clear_split_cache()
+    assert sorted(os.listdir(config_dir)) == ["1.1.0"]  # nothing written
+
+    new = ss.build(data_dir, **FIXTURE_BUILD)  # prepare=True: the new version beside the old
+    assert str(new.version) == VERSION and os.fspath(new.data_dir) == str(config_dir / VERSION)
+    assert new.as_data_source("test")[2]["segmentation"].shape == (16, 16)
+    assert {p.name: p.read_bytes() for p in (config_dir / "1.1.0").iterdir()} == before
+    again = ss.build(data_dir, prepare=False, **FIXTURE_BUILD)
+    assert isinstance(again, ss.SyntheticScenes) and str(again.version) == VERSION
+
+
+def test_prepare_false_skips_unfinished_versions(tmp_path):
+    """A version directory without dataset_info.json (a partial copy, a foreign directory) is
+    not a build: with nothing else there, evaluation gets the usual FileNotFoundError."""
+    data_dir = _fixture(tmp_path / "data")
+    config = ss.SyntheticScenesConfig.create(**FIXTURE_BUILD)
+    version_dir = tmp_path / "data" / "synthetic_scenes" / config.name / "1.1.0"
+    os.remove(version_dir / "dataset_info.json")
+    with pytest.raises(FileNotFoundError, match=r"not prepared in .*; evaluation never .*1\.1\.0"):
+        ss.build(data_dir, prepare=False, **FIXTURE_BUILD)
 
 
 # A build whose train split is generated by the process pool (>= _PARALLEL_MIN_EXAMPLES) in

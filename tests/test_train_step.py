@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from conftest import tiny_overrides
+from conftest import image_only, tiny_overrides
 
 from configs import common
 from mlcd import objectives, partial_fc, sharding, train_state
@@ -24,7 +24,7 @@ C, E, L = 152, 128, 8  # 152 = 8 x 19: a C no other dimension of the tiny step h
 def _config(**extra):
     config = common.load_config(os.path.join(ROOT, "configs/mlcd.py:tiny"))
     overrides = tiny_overrides("unused", **{"objective.num_centers": C, **extra})
-    common.parse_overrides(config, [o for o in overrides if ".grounding." not in o])
+    common.parse_overrides(config, image_only(overrides))
     with config.unlocked():
         config.objective.centers_init = None  # random centers; test_centers_start_from_centroids
         config.model.image.depth = 1  # compile time: the layout under test is the head's

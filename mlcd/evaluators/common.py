@@ -15,6 +15,9 @@ would rank every query first.
 """
 
 import contextlib
+import math
+import os
+import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -230,6 +233,33 @@ def embed_images(
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
+def embed_patch_grid(
+    encoder: Any, images: np.ndarray, batch_size: int, desc: str, where: str
+) -> tuple[np.ndarray, int]:
+    """Embeds images to their 'patch_embeddings'; returns (float32 [N, P, E], grid).
+
+    Args:
+      images: uint8 [N, S, S, 3] at the encoder's resolution (an evaluator's `ResizedImages`).
+      where: the evaluator, for the error message (e.g. 'segmentation').
+
+    Returns:
+      The validated patch embeddings (rows L2-normalised) and grid = sqrt(P), the side of the
+      square patch grid in row-major order.
+
+    Raises:
+      ValueError: P is not a perfect square (the patch maps could not be laid out as a grid).
+    """
+    patches = embed_images(encoder, images, ("patch_embeddings",), batch_size, desc)[
+        "patch_embeddings"
+    ]
+    grid = math.isqrt(patches.shape[1])
+    if grid * grid != patches.shape[1]:
+        raise ValueError(
+            f"{where}: patch_embeddings has {patches.shape[1]} patches, not a square grid"
+        )
+    return patches, grid
+
+
 def embed_texts(encoder: Any, texts: Sequence[str], batch_size: int, desc: str) -> np.ndarray:
     """Embeds strings in batches; returns float32 [N, E], rows L2-normalised (validated)."""
     texts = list(texts)
@@ -315,3 +345,18 @@ def recall_at_k(ranks: np.ndarray, ks: Sequence[int]) -> dict[int, float]:
     """Fraction of queries whose best positive rank (from `best_positive_rank`) is below k."""
     ranks = np.asarray(ranks)
     return {k: float(np.mean(ranks < k)) for k in ks}
+
+
+def atomic_savefig(fig: Any, path: str) -> None:
+    """Writes the matplotlib figure to `path` as a PNG so that readers see either the old file
+    or the whole new one (temporary file in the same directory + rename)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png", dpi=100)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise

@@ -21,7 +21,6 @@ the argmax cell, the similarity heatmap over it, and the sentence; it is written
 
 import math
 import os
-import tempfile
 import textwrap
 from typing import Any
 
@@ -112,20 +111,6 @@ def similarity_maps(
     return np.concatenate(out)
 
 
-def _atomic_savefig(fig: Any, path: str) -> None:
-    """Writes the figure to `path` so that readers see either the old file or the whole new one."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=100)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def plot_grounding(
     path: str,
     images: np.ndarray,
@@ -188,7 +173,7 @@ def plot_grounding(
         )
         ax_map.set_title(f"{'hit' if hits[k] else 'miss'}  max cos {maps[k].max():.2f}", fontsize=8)
     fig.suptitle(title)
-    _atomic_savefig(fig, path)
+    common.atomic_savefig(fig, path)
 
 
 @EVALUATORS.register("grounding")
@@ -263,18 +248,13 @@ class GroundingEvaluator:
         encoder: see `common` (embed_images with key 'patch_embeddings', embed_texts, image_size).
         """
         images, pairs = self._load()
-        patches = common.embed_images(
+        patches, grid = common.embed_patch_grid(
             encoder,
             self._images.get("images", images, encoder),
-            ("patch_embeddings",),
             self.batch_size,
             f"grounding {self.name}: images",
-        )["patch_embeddings"]
-        grid = math.isqrt(patches.shape[1])
-        if grid * grid != patches.shape[1]:
-            raise ValueError(
-                f"grounding: patch_embeddings has {patches.shape[1]} patches, not a square grid"
-            )
+            "grounding",
+        )
         texts = common.embed_texts(
             encoder, pairs["sentences"], self.batch_size, f"grounding {self.name}: sentences"
         )

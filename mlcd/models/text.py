@@ -99,10 +99,17 @@ class TextTransformer(nnx.Module):
         self.proj = layers.Dense(width, embed_dim, use_bias=False, dtype=dtype, rngs=rngs)
 
     def token_features(self, tokens: Array) -> Array:
-        """tokens: int [B, L] (L = context_length), padded with pad_id -> [B, L, W] per-token
-        features after the final LayerNorm, in the compute dtype."""
-        if tokens.ndim != 2 or tokens.shape[1] != self.context_length:
-            raise ValueError(f"tokens must be [B, {self.context_length}], got {tokens.shape}.")
+        """tokens: int [B, L] (L <= context_length), padded with pad_id -> [B, L, W] per-token
+        features after the final LayerNorm, in the compute dtype.
+
+        Sequences shorter than context_length use the first L position embeddings (big_vision
+        does the same): DreamLIP's sentence-long sub-captions need a fraction of a long
+        caption's tokens, and attention costs O(L^2).
+        """
+        if tokens.ndim != 2 or not 1 <= tokens.shape[1] <= self.context_length:
+            raise ValueError(
+                f"tokens must be [B, L] with L <= {self.context_length}, got {tokens.shape}."
+            )
         length = tokens.shape[1]
         if self.causal:
             # Query i sees keys j <= i. Padding follows the real tokens, so no real token ever
@@ -110,13 +117,13 @@ class TextTransformer(nnx.Module):
             mask = jnp.tril(jnp.ones((length, length), bool))[None, None]
         else:
             mask = (tokens != self.pad_id)[:, None, None, :]  # [B, 1, 1, L]: pads not attended
-        x = self.token_embed(tokens) + self.pos_embed[...].astype(self.dtype)
+        x = self.token_embed(tokens) + self.pos_embed[:length].astype(self.dtype)
         for block in self.blocks:
             x = block(x, mask)
         return self.norm(x)
 
     def __call__(self, tokens: Array) -> dict[str, Array]:
-        """tokens: int [B, L] (L = context_length), padded with pad_id.
+        """tokens: int [B, L] (L <= context_length), padded with pad_id.
 
         Returns float32 {'embedding' [B, E] (not normalised), 'pre_logits' [B, W] (pooled)}.
         'eos' pools the position of the first eos_id, 'first' position 0, 'mean' the mean over

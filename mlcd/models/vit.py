@@ -21,11 +21,15 @@ Array = jax.Array
 
 POOLS = ("cls", "gap", "map")
 STEMS = ("patch", "conv")
+# How patch tokens reach the embedding space ('patch_embeddings'): through the pooled
+# embedding's projection ('shared', MaskCLIP's reading of a CLIP tower) or a projection of
+# their own ('separate', DreamLIP's grouping loss can then shape them without moving `proj`).
+PATCH_PROJS = ("shared", "separate")
 
 # Complete settings per named size; a config's keys override them (layers.resolve_variant).
 # CLIP's towers (Radford et al. 2021, Table 19): S/16 = 384 wide x 12 deep x 6 heads,
 # B = 768 x 12 x 12, L = 1024 x 24 x 16; MLP ratio 4.
-_BASE = dict(image_size=224, mlp_ratio=4, pool="cls", stem="patch")
+_BASE = dict(image_size=224, mlp_ratio=4, pool="cls", stem="patch", patch_proj="shared")
 VARIANTS: dict[str, dict[str, Any]] = {
     # CPU try-out: 64 px / patch 8 = 64 patches + cls; ~130 images/s per train step on 2 cores.
     "tiny": dict(_BASE, image_size=64, patch_size=8, width=128, depth=4, num_heads=4),
@@ -132,7 +136,8 @@ class ViT(nnx.Module):
     """Image tower. Parameter paths: ``patch_embed/kernel`` [P, P, 3, W] (``stem="patch"``; the conv
     stem has ``patch_embed/kernels/<i>``, ``norms/<i>``, ``proj``), ``cls`` [1, 1, W] (cls
     pooling only), ``pos_embed`` [1, N, W], ``blocks/<i>/...``, ``norm``, ``map_head/...`` (map
-    pooling only), ``proj/kernel`` [W, E] (no bias)."""
+    pooling only), ``proj/kernel`` [W, E] (no bias), ``patch_proj/kernel`` [W, E] (no bias;
+    patch_proj="separate" only)."""
 
     def __init__(
         self,
@@ -146,6 +151,7 @@ class ViT(nnx.Module):
         pool: str,
         embed_dim: int,
         stem: str = "patch",
+        patch_proj: str = "shared",
         dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
@@ -157,6 +163,10 @@ class ViT(nnx.Module):
             )
         if stem not in STEMS:
             raise ValueError(f"Unknown image stem {stem!r}; expected one of {STEMS}.")
+        if patch_proj not in PATCH_PROJS:
+            raise ValueError(
+                f"Unknown image patch_proj {patch_proj!r}; expected one of {PATCH_PROJS}."
+            )
         self.image_size, self.patch_size = image_size, patch_size
         self.pool, self.dtype = pool, dtype
         stem_cls = PatchEmbed if stem == "patch" else ConvStem
@@ -174,12 +184,18 @@ class ViT(nnx.Module):
         if pool == "map":
             self.map_head = MapHead(width, num_heads, mlp_ratio, dtype=dtype, rngs=rngs)
         self.proj = layers.Dense(width, embed_dim, use_bias=False, dtype=dtype, rngs=rngs)
+        if patch_proj == "separate":
+            self.patch_proj = layers.Dense(width, embed_dim, use_bias=False, dtype=dtype, rngs=rngs)
+        self.separate_patch_proj = patch_proj == "separate"
 
     def __call__(self, images: Array) -> dict[str, Array]:
         """images: float32 [B, R, R, 3], already normalised.
 
         Returns float32 {'embedding' [B, E] (not normalised), 'pre_logits' [B, W] (pooled, before
-        the projection), 'patch_tokens' [B, (R/P)^2, W] (after the final LN, no cls token)}.
+        the projection), 'patch_tokens' [B, (R/P)^2, W] (after the final LN, no cls token),
+        'patch_embeddings' [B, (R/P)^2, E] (patch tokens projected to the embedding space by
+        `proj` or `patch_proj`, see PATCH_PROJS; not normalised)}. Under jit an output nobody
+        reads costs nothing (XLA drops it), so CLIP pays nothing for 'patch_embeddings'.
         """
         if images.ndim != 4 or images.shape[1:] != (self.image_size, self.image_size, 3):
             raise ValueError(
@@ -203,16 +219,18 @@ class ViT(nnx.Module):
             pooled = jnp.mean(patch_tokens, axis=1, dtype=jnp.float32).astype(x.dtype)
         else:
             pooled = self.map_head(x)
+        patch_proj = self.patch_proj if self.separate_patch_proj else self.proj
         return {
             "embedding": self.proj(pooled).astype(jnp.float32),
             "pre_logits": pooled.astype(jnp.float32),
             "patch_tokens": patch_tokens.astype(jnp.float32),
+            "patch_embeddings": patch_proj(patch_tokens).astype(jnp.float32),
         }
 
 
 def build_vit(cfg: Mapping[str, Any], *, embed_dim: int, dtype: Any, rngs: nnx.Rngs) -> ViT:
     """ViT from a config dict: 'variant' plus optional overrides of ``VARIANTS[variant]``'s keys
-    (image_size, patch_size, width, depth, num_heads, mlp_ratio, pool)."""
+    (image_size, patch_size, width, depth, num_heads, mlp_ratio, pool, stem, patch_proj)."""
     return ViT(
         **layers.resolve_variant("image", VARIANTS, cfg),
         embed_dim=embed_dim,

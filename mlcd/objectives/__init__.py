@@ -10,7 +10,14 @@ from __future__ import annotations
 
 import ml_collections
 
-from mlcd.objectives.base import Head, Objective, head_key, normal_init, npy_init
+from mlcd.objectives.base import (
+    Head,
+    Objective,
+    head_key,
+    loss_weights,
+    normal_init,
+    npy_init,
+)
 from mlcd.registry import Registry
 
 OBJECTIVES = Registry("objective", autoload=("mlcd.objectives",))
@@ -21,4 +28,13 @@ def build(config: ml_collections.ConfigDict) -> Objective:
     return OBJECTIVES.get(config.objective.name, key="config.objective.name")(config)
 
 
-__all__ = ["OBJECTIVES", "Head", "Objective", "build", "head_key", "normal_init", "npy_init"]
+__all__ = [
+    "OBJECTIVES",
+    "Head",
+    "Objective",
+    "build",
+    "head_key",
+    "loss_weights",
+    "normal_init",
+    "npy_init",
+]

@@ -102,6 +102,20 @@ def npy_init(path: str, config_key: str) -> HeadInit:
     return init
 
 
+def loss_weights(cfg: ml_collections.ConfigDict, terms: tuple[str, ...]) -> dict[str, float]:
+    """{term: weight} from config.objective.w_<term> (missing: 0), checked: every weight >= 0
+    and not all 0 (ValueError naming the key). For methods whose loss is a weighted sum of
+    terms that a zero weight turns off (MOFI, DreamLIP)."""
+    weights = {k: float(cfg.get(f"w_{k}", 0.0)) for k in terms}
+    bad = {k: w for k, w in weights.items() if not w >= 0.0}
+    if bad:
+        raise ValueError(f"config.objective.w_{next(iter(bad))} must be >= 0; got {bad}")
+    if not any(weights.values()):
+        names = ", ".join(f"w_{k}" for k in terms[:-1]) + f" and w_{terms[-1]}"
+        raise ValueError(f"config.objective: {names} are all 0: nothing to train")
+    return weights
+
+
 class Objective(abc.ABC):
     """A training method. Subclasses set `inputs` and `per_example`, override `loss`, and
     `heads` / `forward` where the defaults do not fit.

@@ -36,20 +36,9 @@ from input_pipeline import transforms
 from mlcd import entities, label_store, losses
 from mlcd.annotation import store
 from mlcd.models.two_tower import l2_normalize
-from mlcd.objectives import OBJECTIVES, Head, Objective, normal_init
+from mlcd.objectives import OBJECTIVES, Head, Objective, loss_weights, normal_init
 
 ENTITY_TEXTS = ("name", "name_description")
-
-
-def _weights(cfg: ml_collections.ConfigDict) -> dict[str, float]:
-    """{'sup', 'con', 'clip'}: the loss weights, checked (>= 0, not all 0)."""
-    weights = {k: float(cfg.get(f"w_{k}", 0.0)) for k in ("sup", "con", "clip")}
-    bad = {k: w for k, w in weights.items() if not w >= 0.0}
-    if bad:
-        raise ValueError(f"config.objective.w_{next(iter(bad))} must be >= 0; got {bad}")
-    if not any(weights.values()):
-        raise ValueError("config.objective: w_sup, w_con and w_clip are all 0: nothing to train")
-    return weights
 
 
 @OBJECTIVES.register("mofi")
@@ -70,7 +59,7 @@ class MOFI(Objective):
     def __init__(self, config: ml_collections.ConfigDict):
         super().__init__(config)
         cfg = config.objective
-        self.weights = _weights(cfg)
+        self.weights = loss_weights(cfg, ("sup", "con", "clip"))
         self.num_entities = int(cfg.num_entities)
         if self.num_entities < 1:
             raise ValueError(f"config.objective.num_entities must be >= 1; got {cfg.num_entities}")

@@ -2,8 +2,10 @@
 
 Scenes of 1-4 coloured shapes on grey-level backgrounds, with long captions (one sentence per
 object + one for the background), noisy short captions, alt-texts (the short caption, 30% of the
-time with a mention of an entity that is not pictured), entity ids, boxes linked to sentences
-and probe labels. `build(data_dir, ...)` prepares it; `ZEROSHOT_TASKS` lists the zero-shot tasks.
+time with a mention of an entity that is not pictured), entity ids, boxes linked to sentences,
+per-pixel object labels (`segmentation`, 1.2.0) and probe labels. `build(data_dir, ...)` prepares
+it (and, with prepare=False, opens an older version's build when the current one is not there);
+`ZEROSHOT_TASKS` lists the zero-shot tasks.
 """
 
 from input_pipeline.datasets import DATASETS

@@ -204,12 +204,36 @@ def _background(rng: np.random.Generator, kind: str, size: int) -> np.ndarray:
     return img[..., None] + tint
 
 
+def _draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject, big: int, fill) -> None:
+    """Fills `obj`'s outline on a `big` x `big` canvas (SUPERSAMPLE x the image side) with `fill`.
+
+    The one place the geometry lives: `render` (colour layer and alpha mask) and `segmentation`
+    (label map) draw through it, so the label map covers exactly the rendered pixels.
+    """
+    y0, x0, y1, x1 = (v * big for v in obj.box)
+    # PIL fills pixel centres inside [x0, x1 - 1]; subtracting 1 keeps the drawn extent = box.
+    if SHAPES[obj.shape] == "circle":
+        draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=fill)
+        return
+    unit = _POLYGONS[SHAPES[obj.shape]]
+    cx, cy, hx, hy = (
+        (x0 + x1 - 1) / 2,
+        (y0 + y1 - 1) / 2,
+        (x1 - 1 - x0) / 2,
+        (y1 - 1 - y0) / 2,
+    )
+    draw.polygon([(cx + hx * u, cy + hy * v) for u, v in unit], fill=fill)
+
+
 def render(scene: Scene, rng: np.random.Generator, image_size: int) -> np.ndarray:
     """Renders `scene` to a uint8 [image_size, image_size, 3] RGB image.
 
     Objects are drawn at SUPERSAMPLE x resolution on a black layer plus an alpha mask, then both are
     box-filtered down. Because the layer is black outside the objects, the filtered layer equals
     alpha * colour (premultiplied), so compositing is `bg * (1 - alpha) + layer`.
+
+    Draws from `rng`, in this order: 3 uniforms per object (its colour jitter), then the
+    background's. `segmentation` gives the objects' label map without touching any rng.
     """
     big = image_size * SUPERSAMPLE
     layer = Image.new("RGB", (big, big))
@@ -218,23 +242,37 @@ def render(scene: Scene, rng: np.random.Generator, image_size: int) -> np.ndarra
     for obj in scene.objects:
         rgb = COLOR_RGB[obj.color] + rng.uniform(-_COLOR_JITTER, _COLOR_JITTER, 3)
         fill = tuple(int(c) for c in np.clip(rgb, 0, 255))
-        y0, x0, y1, x1 = (v * big for v in obj.box)
-        # PIL fills pixel centres inside [x0, x1 - 1]; subtracting 1 keeps the drawn extent = box.
-        if SHAPES[obj.shape] == "circle":
-            for draw, value in ((draw_layer, fill), (draw_mask, 255)):
-                draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=value)
-        else:
-            unit = _POLYGONS[SHAPES[obj.shape]]
-            cx, cy, hx, hy = (
-                (x0 + x1 - 1) / 2,
-                (y0 + y1 - 1) / 2,
-                (x1 - 1 - x0) / 2,
-                (y1 - 1 - y0) / 2,
-            )
-            points = [(cx + hx * u, cy + hy * v) for u, v in unit]
-            draw_layer.polygon(points, fill=fill)
-            draw_mask.polygon(points, fill=255)
+        _draw_object(draw_layer, obj, big, fill)
+        _draw_object(draw_mask, obj, big, 255)
     layer_arr = np.asarray(layer.reduce(SUPERSAMPLE), np.float32)  # box filter, SUPERSAMPLE^2 px
     alpha = np.asarray(mask.reduce(SUPERSAMPLE), np.float32)[..., None] / 255.0
     bg = _background(rng, BACKGROUNDS[scene.background], image_size)
     return np.clip(np.rint(bg * (1.0 - alpha) + layer_arr), 0, 255).astype(np.uint8)
+
+
+def segmentation(scene: Scene, image_size: int) -> np.ndarray:
+    """Per-pixel object labels of `render(scene, ..., image_size)`: uint8 [image_size, image_size].
+
+    0 = background, j + 1 = object slot j (scene.objects[j], placement order). Pixel (y, x) is
+    object j's when j's box-filtered alpha there is >= 0.5: j's outline drawn alone at SUPERSAMPLE
+    x resolution and reduced exactly as `render` reduces its alpha mask (PIL's box filter,
+    rounded to 0..255), so the test is "reduced value >= 128", i.e. at least half of the pixel's
+    SUPERSAMPLE^2 sub-pixels covered. Objects never overlap, so two objects can both pass only
+    on an exact half-half split of one pixel; the lower slot keeps it. A pixel that two objects
+    share with under half each stays background although `render`'s combined alpha there may
+    reach 0.5 (only at small sizes: the gap between boxes, 0.03 of the image side, is under one
+    pixel below 34 px).
+
+    A pure function of the scene: it takes no rng, so adding it to the dataset (1.2.0) left the
+    value of every other feature unchanged.
+    """
+    big = image_size * SUPERSAMPLE
+    out = np.zeros((image_size, image_size), np.uint8)
+    # One canvas per object, reduced by PIL: ~0.1 ms for 4 objects at 64 px; counting each
+    # object's sub-pixels on one shared label canvas with numpy took 0.15-0.7 ms.
+    for j, obj in enumerate(scene.objects):
+        mask = Image.new("L", (big, big))
+        _draw_object(ImageDraw.Draw(mask), obj, big, 255)
+        alpha = np.asarray(mask.reduce(SUPERSAMPLE))
+        out[(alpha >= 128) & (out == 0)] = j + 1
+    return out
