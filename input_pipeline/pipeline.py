@@ -143,15 +143,25 @@ class TrainIterator:
                 f"{sorted(builder.info.splits)}"
             )
         # Raw bytes: we decode ourselves so that a corrupt image drops one example, not the run.
-        source = builder.as_data_source(
-            split=data.split, decoders={"image": tfds.decode.SkipDecoding()}
+        source = _SkippingSource(
+            builder.as_data_source(
+                split=data.split, decoders={"image": tfds.decode.SkipDecoding()}
+            ),
+            f"split {data.split!r} in {builder.data_dir}",
         )
+
+        def peek(n: int) -> list[dict[str, Any]]:
+            # Through _SkippingSource: an unreadable record among the first n is left out here
+            # as it is dropped in training, not a start-up crash.
+            rows = (source[i] for i in range(min(n, len(source))))
+            return [r for r in rows if not isinstance(r, _Dropped)]
+
         ctx = transforms.Context(
             config=config,
             dataset=f"{builder.name} split {data.split!r}",
             features=tuple(builder.info.features),
             tokenizer=tokenizer,
-            peek=lambda n: [source[i] for i in range(min(n, len(source)))],
+            peek=peek,
         )
         ops = transforms.build(config.pp.ops, ctx, fields)
         if len(source) < process_count * host_batch_size:
@@ -160,7 +170,6 @@ class TrainIterator:
                 f"one global batch ({process_count * host_batch_size})"
             )
         self.skipped_counter = _SkipCounter(int(data.max_skipped))
-        source = _SkippingSource(source, f"split {data.split!r} in {builder.data_dir}")
         shard = (
             grain.MapDataset.source(source)
             # Before the per-host slice: the index in the split, not in this host's shard.
