@@ -30,7 +30,15 @@ IMAGE_ONLY_EVAL_TYPES = ("fewshot", "linear_probe", "image_retrieval")
 # Keys added to the resolved config after runs had been written without them, each with the
 # value that reproduces the code before it: a stored config.json that lacks the key equals one
 # holding this value, so resuming or evaluating such a run is not a config change.
-ADDED_KEYS = {"model.image.patch_proj": "shared"}
+ADDED_KEYS = {
+    "model.image.patch_proj": "shared",
+    "model.image.act": "gelu_tanh",
+    "model.image.ln_eps": 1e-6,
+    "model.image.ln_pre": False,
+    "model.image.patch_bias": True,
+    "model.text.act": "gelu_tanh",
+    "model.text.ln_eps": 1e-6,
+}
 
 
 def image_tower(variant: str) -> ml_collections.ConfigDict:
@@ -47,6 +55,15 @@ def base_config() -> ml_collections.ConfigDict:
     """Defaults shared by every method; each config file starts from this and edits it."""
     c = ml_collections.ConfigDict()
     c.seed = 0
+    # Pretrained weights to start a fresh run from: an mlcd export (python -m mlcd.export or
+    # mlcd.convert_weights) or a training run directory (its latest checkpoint). Only the
+    # model's parameters are loaded, into this config's architecture and shardings; the
+    # objective's heads and the optimizer start fresh at step 0, and a resumed run continues
+    # from its own checkpoint without reading init_from. None: everything from config.seed.
+    c.init_from = ml_collections.config_dict.placeholder(str)
+    # Regex (full match) of parameter paths, e.g. 'text/.*' or 't|b', that keep their fresh
+    # initialisation instead of being loaded from init_from. None: load every parameter.
+    c.init_from_skip = ml_collections.config_dict.placeholder(str)
     c.total_steps = 1000
     c.batch_size = 256  # global batch, split over all devices
     # Gradient accumulation: the step's batch in this many sequential slices, for memory. Only
@@ -89,8 +106,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.pp.image_size = 224
     c.pp.crop_scale = (0.5, 1.0)  # random-resized-crop area range (train only)
     c.pp.context_length = 77
-    # Path to tokenizer.json (HuggingFace) or a sentencepiece .model. None: the dataset's own.
+    # Tokenizer file (input_pipeline/tokenizers.py): a HuggingFace tokenizer.json, a
+    # sentencepiece .model, or OpenAI CLIP's BPE merges bpe_simple_vocab_16e6.txt.gz (.txt.gz or
+    # .txt; ids equal open_clip's). None: the dataset's own tokenizer.json.
     c.tokenizer = ml_collections.config_dict.placeholder(str)
+    # Text cleaning before tokenizing (input_pipeline/tokenizers.py TEXT_CLEANERS): 'none',
+    # 'whitespace', 'lower' or 'canonicalize' (big_vision's, open_clip's for SigLIP: lower-case,
+    # punctuation removed). None: 'lower' for CLIP's BPE (as open_clip), 'none' otherwise.
+    c.pp.text_clean = ml_collections.config_dict.placeholder(str)
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "two_tower"  # mlcd.models.MODELS
@@ -287,6 +310,30 @@ def _image_text_evals() -> dict[str, dict[str, Any]]:
     }
 
 
+def converted_data(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Points a preset at a dataset written by `python -m input_pipeline.convert` (docs/data.md):
+    give --config.data.name, --config.data.data_dir and --config.tokenizer (e.g. CLIP's
+    bpe_simple_vocab_16e6.txt.gz). Nothing is built and training reads its 'caption'. The one
+    evaluator, image-text retrieval on the dataset's 'validation' split (its first 1,000
+    examples), is off until that split exists: --config.evals.retrieval.every=N (0: after the
+    last step only)."""
+    c.data.name = ml_collections.config_dict.placeholder(str)
+    c.data.build = ml_collections.ConfigDict()
+    c.data.text_keys = ("caption",)
+    c.evals = ml_collections.ConfigDict(
+        {
+            "retrieval": {
+                "type": "retrieval",
+                "split": "validation",
+                "caption_key": "caption",
+                "max_examples": 1000,
+                "every": -1,
+            }
+        }
+    )
+    return c
+
+
 def tiny_preset(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The CPU try-out: synthetic_scenes, tiny towers, a few minutes on 2 cores.
 
@@ -373,6 +420,23 @@ def paper_b16_preset(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.ckpt_every = 2000
     c.eval_every = 10_000
     c.evals = ml_collections.ConfigDict(_image_text_evals())
+    return c
+
+
+def open_clip_towers(
+    c: ml_collections.ConfigDict, variant: str, act: str = "quick_gelu"
+) -> ml_collections.ConfigDict:
+    """Sets config.model to the towers of OpenAI's / open_clip's ViT-`variant` CLIP (B/32, B/16,
+    L/14), the architecture `python -m mlcd.convert_weights from-open-clip` imports, so that
+    `config.init_from` can load such an export: LayerNorm eps 1e-5 (PyTorch's), a LayerNorm
+    before the image blocks (ln_pre), no patch-embedding bias, and `act` in both towers
+    ('quick_gelu' for OpenAI's weights, 'gelu' for open_clip's LAION / DataComp ones)."""
+    c.model.image = image_tower(variant)
+    c.model.image.update(act=act, ln_eps=1e-5, ln_pre=True, patch_bias=False)
+    c.model.text = ml_collections.ConfigDict(
+        {"variant": variant, "causal": True, "pool": "eos", "act": act, "ln_eps": 1e-5}
+    )
+    c.model.embed_dim = 768 if variant == "L/14" else 512
     return c
 
 

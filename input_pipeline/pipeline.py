@@ -3,10 +3,11 @@
     source.map_with_index(...)                each example gets 'index', its position in the split
       .slice(process_index::process_count)    per-host shard (disjoint examples per host)
       .shuffle(seed).repeat()                 a fresh permutation every epoch
-      .map_with_index(decode, ops)            decode 'image', add 'epoch' (passes over this host's
-                                              shard before this example); config.pp.ops
-                                              (transforms.py), each op seeded by (seed, op,
-                                              position in the stream)
+      .map_with_index(decode, ops)            decode 'image' (unless the first op decodes it:
+                                              random_resized_crop, a JPEG at its crop's scale),
+                                              add 'epoch' (passes over this host's shard before
+                                              this example); config.pp.ops (transforms.py), each
+                                              op seeded by (seed, op, position in the stream)
       -> iter: drop unreadable records and undecodable images (counted as they are consumed,
          at most config.data.max_skipped), keep the objective's input fields, batch(host_batch)
 
@@ -98,14 +99,16 @@ class _Example:
     def __call__(self, position: int, example: dict[str, Any] | _Dropped) -> Any:
         if isinstance(example, _Dropped):  # an unreadable record (_SkippingSource)
             return example
-        try:
-            image = preprocess.decode_image(example["image"])
-        except Exception as e:
-            logging.warning("skipping example %r: unreadable image (%s)", example.get("id"), e)
-            return _Dropped(f"example {example.get('id')!r}: unreadable image ({e})")
         # The stream is the shard repeated: position = epoch * shard_size + i (grain's repeat).
         epoch = position // self._shard_size
-        example = self._chain({**example, "image": image, "epoch": epoch}, position)
+        try:
+            image = example["image"]
+            if not self._chain.decodes:  # else the first op decodes (a JPEG at its crop's scale)
+                image = preprocess.decode_image(image)
+            example = self._chain({**example, "image": image, "epoch": epoch}, position)
+        except preprocess.UndecodableImageError as e:
+            logging.warning("skipping example %r: unreadable image (%s)", example.get("id"), e)
+            return _Dropped(f"example {example.get('id')!r}: unreadable image ({e})")
         return {k: example[k] for k in self._fields}
 
 

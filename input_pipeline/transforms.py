@@ -69,6 +69,9 @@ class Transform:
 
     reads: tuple[str, ...] = ()
     writes: tuple[str, ...] = ()
+    # True: as the first op, it takes 'image' encoded (bytes) and decodes it itself, raising
+    # preprocess.UndecodableImageError for bad data (the pipeline then drops the example).
+    decodes: bool = False
 
     def __init__(self, ctx: Context):
         del ctx
@@ -155,6 +158,11 @@ class Chain:
         self._ops = list(ops)
         self._streams = _Streams(seed)
 
+    @property
+    def decodes(self) -> bool:
+        """Whether the first op takes the encoded image (Transform.decodes)."""
+        return bool(self._ops) and self._ops[0].decodes
+
     def __call__(self, example: dict[str, Any], position: int) -> dict[str, Any]:
         for stream, op in enumerate(self._ops):
             example.update(op(example, self._streams.get(stream, position)))
@@ -169,9 +177,11 @@ class Chain:
 class RandomResizedCrop(Transform):
     """Inception-style crop to a square: area fraction ~ U(scale), log aspect ~ U(log 3/4,
     log 4/3) (preprocess.random_resized_crop). Defaults: size config.pp.image_size, scale
-    config.pp.crop_scale."""
+    config.pp.crop_scale. As the first op it decodes the image: a JPEG at the DCT scale its
+    crop needs."""
 
     reads = writes = ("image",)
+    decodes = True
 
     def __init__(self, ctx: Context, size: int | None = None, scale: Sequence[float] = ()):
         self.size = int(size or ctx.config.pp.image_size)

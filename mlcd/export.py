@@ -6,8 +6,9 @@ scale) with its model config, preprocessing spec and tokenizer, so that
 `mlcd.load_encoder(DIR)` needs nothing else (the format: mlcd/runs.py). The objective's
 training-only heads (e.g. MLCD's class centers) are never exported, whatever the method.
 
---random-init exports the parameters the run started from (its model config and seed,
-freshly initialised; no checkpoint needed): the untrained baseline of the same architecture.
+--random-init exports the parameters the run's model config and seed initialise (no checkpoint
+needed): the untrained baseline of the same architecture. For a run started from pretrained
+weights (config.init_from) that is config.seed's initialisation, not those weights.
 
 The export is written into a temporary sibling directory and renamed into place when
 complete, so an interrupted export never leaves a directory that load_encoder would trust; a
@@ -27,10 +28,11 @@ import os
 import shutil
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import orbax.checkpoint as ocp
 
-from input_pipeline import preprocess
+from input_pipeline import preprocess, tokenizers
 from mlcd import cli, runs
 
 
@@ -52,12 +54,52 @@ def export(workdir: str, out: str, step: int | None = None, random_init: bool = 
         step = 0
     else:
         config, _, params, step = runs.restore_run_params(workdir, step)
+    meta = {
+        "step": int(step),
+        "random_init": bool(random_init),
+        "seed": int(config.seed),
+        "source_workdir": os.path.abspath(workdir),
+        "model": config.model.to_dict(),
+        "preprocess": preprocess_spec(
+            config.pp.image_size, config.pp.context_length, config.pp.get("text_clean")
+        ),
+        "data": config.data.to_dict(),
+        "evals": config.evals.to_dict(),
+    }
+    tokenizer = config.tokenizer if config.model.get("text") is not None else None
+    return write(out, params, meta, tokenizer)
+
+
+def preprocess_spec(
+    image_size: int, context_length: int, text_clean: str | None = None
+) -> dict[str, Any]:
+    """export.json's "preprocess": how the encoder expects its inputs (text_clean: the
+    tokenizer's text cleaning, config.pp.text_clean; None is the tokenizer's default)."""
+    return {
+        "image_size": int(image_size),
+        "resize": "shorter side to image_size (bicubic), then center crop",
+        "mean_rgb": list(preprocess.MEAN_RGB),
+        "std_rgb": list(preprocess.STD_RGB),
+        "context_length": int(context_length),
+        "text_clean": text_clean,
+    }
+
+
+def write(out: str, params: Any, meta: dict[str, Any], tokenizer: str | None) -> str:
+    """Writes an export to `out` (absolute) atomically and returns `out`.
+
+    params: the model's parameter tree; meta: export.json's fields (format and tokenizer are
+    added here); tokenizer: the tokenizer file to copy in (None for an image-only model).
+    The export is written into `<out>.tmp-<pid>` and renamed into place when complete (see
+    the module doc); the caller has checked that `out` may be replaced (check_out /
+    check_replaceable).
+    """
     remove_stale_temporaries(out)
     tmp = f"{out}{_TMP}{os.getpid()}"
     os.makedirs(tmp)
     try:
-        _write(tmp, config, params, workdir, step, random_init)
-        _swap_in(tmp, out)
+        _write(tmp, params, meta, tokenizer)
+        swap_in(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -79,6 +121,11 @@ def check_out(workdir: str, out: str) -> None:
             f"--out {out}: that is the run {workdir}, a directory above it or inside its "
             "checkpoints; export to a directory of its own"
         )
+    check_replaceable(out)
+
+
+def check_replaceable(out: str) -> None:
+    """ValueError unless `out` is absent, an empty directory or an earlier mlcd export."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out} is a file, not a directory")
     if os.path.isdir(out) and os.listdir(out) and not _is_export(out):
@@ -129,7 +176,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _swap_in(tmp: str, out: str) -> None:
+def swap_in(tmp: str, out: str) -> None:
     """Renames the complete export `tmp` to `out`; an earlier export there is moved aside first,
     put back if the new one cannot be renamed in, and removed only once the new one is in."""
     if not os.path.exists(out):
@@ -145,34 +192,16 @@ def _swap_in(tmp: str, out: str) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _write(tmp: str, config, params, workdir: str, step: int, random_init: bool) -> None:
+def _write(tmp: str, params: Any, meta: dict[str, Any], tokenizer: str | None) -> None:
     """Writes the export's files into the (new, empty) directory `tmp`."""
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(os.path.join(tmp, runs.PARAMS_DIR), params)
         checkpointer.wait_until_finished()
     tokenizer_file = None
-    if config.model.get("text") is not None:
-        src = config.tokenizer
-        tokenizer_file = "tokenizer" + os.path.splitext(src)[1]
-        shutil.copyfile(src, os.path.join(tmp, tokenizer_file))
-    meta = {
-        "format": runs.FORMAT,
-        "step": int(step),
-        "random_init": bool(random_init),
-        "seed": int(config.seed),
-        "source_workdir": os.path.abspath(workdir),
-        "model": config.model.to_dict(),
-        "preprocess": {
-            "image_size": int(config.pp.image_size),
-            "resize": "shorter side to image_size (bicubic), then center crop",
-            "mean_rgb": list(preprocess.MEAN_RGB),
-            "std_rgb": list(preprocess.STD_RGB),
-            "context_length": int(config.pp.context_length),
-        },
-        "tokenizer": tokenizer_file,
-        "data": config.data.to_dict(),
-        "evals": config.evals.to_dict(),
-    }
+    if tokenizer is not None:
+        tokenizer_file = tokenizers.tokenizer_file_name(tokenizer)
+        shutil.copyfile(tokenizer, os.path.join(tmp, tokenizer_file))
+    meta = {"format": runs.FORMAT, **meta, "tokenizer": tokenizer_file}
     with open(os.path.join(tmp, runs.EXPORT_FILE), "w") as f:
         json.dump(meta, f, indent=2)
 

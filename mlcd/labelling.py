@@ -203,12 +203,12 @@ def to_str(value: bytes | str | np.ndarray) -> str:
 
 
 def load_image(record: dict[str, Any], size: int) -> np.ndarray:
-    """uint8 [size, size, 3]: the record's image decoded, resized and centre-cropped."""
+    """uint8 [size, size, 3]: the record's image decoded, resized and centre-cropped (a large
+    JPEG decoded at a reduced DCT scale that keeps it >= size: preprocess.resize_center_crop)."""
     try:
-        image = preprocess.decode_image(record["image"])
-    except Exception as e:
+        return preprocess.resize_center_crop(record["image"], size)
+    except preprocess.UndecodableImageError as e:
         raise ValueError(f"example {to_str(record['id'])!r}: cannot decode its image: {e}") from e
-    return preprocess.resize_center_crop(image, size)
 
 
 def read_examples(

@@ -1,5 +1,6 @@
 """Reading training runs and exports (never writing them): their configs, the encoder's
-parameters, and `Encoder`s over either. Shared by the evaluate, export and cluster CLIs.
+parameters, and `Encoder`s over either. Shared by the evaluate, export and cluster CLIs, and
+by the trainer's config.init_from (open_pretrained, restore_pretrained).
 
 An export (written by python -m mlcd.export) is self-contained:
     DIR/export.json     format, model config, preprocessing spec, data spec, source step
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import ml_collections
@@ -122,6 +123,80 @@ def read_export_meta(export_dir: str) -> dict[str, Any]:
     return meta
 
 
+class Pretrained(NamedTuple):
+    """The model parameters of an export or of a training run's latest checkpoint, to start
+    another run from (config.init_from; open_pretrained, restore_pretrained)."""
+
+    path: str  # absolute
+    kind: str  # 'export' | 'run'
+    model: ml_collections.ConfigDict  # the model config the parameters were written for
+    step: int  # the checkpoint step (an export's: the step it was exported from)
+    tokenizer: str | None  # the tokenizer file its text tower was trained with, if any
+    shapes: dict[str, tuple[int, ...]]  # {parameter path: shape} of every model parameter
+
+
+def open_pretrained(path: str, what: str) -> Pretrained:
+    """The export at `path` if it holds export.json, else the training run at `path` if it
+    holds config.json (its latest complete checkpoint); reads metadata only. Errors name
+    `what` (e.g. "config.init_from='DIR'"): a missing directory, one that is neither, a run
+    without a checkpoint, an export whose parameters differ from its export.json."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{what}: no such directory")
+    path = os.path.abspath(path)
+    if os.path.exists(os.path.join(path, EXPORT_FILE)):
+        meta = read_export_meta(path)
+        model = ml_collections.ConfigDict(meta["model"])
+        _, abstract_params = models.abstract_model(model)
+        params_dir = os.path.join(path, PARAMS_DIR)
+        with ocp.StandardCheckpointer() as checkpointer:
+            metadata = checkpointer.metadata(params_dir).item_metadata
+        check_shapes(abstract_params, metadata, f"{what}: {params_dir}")
+        tokenizer = os.path.join(path, meta["tokenizer"]) if meta["tokenizer"] else None
+        return Pretrained(
+            path, "export", model, int(meta["step"]), tokenizer, tree_utils.shapes(abstract_params)
+        )
+    if os.path.exists(os.path.join(path, "config.json")):
+        config = load_run_config(path)
+        ckpt = Checkpointer(path, read_only=True)
+        steps = ckpt.all_steps()
+        ckpt.close()
+        if not steps:
+            raise FileNotFoundError(f"{what}: a training run without a complete checkpoint")
+        # The trainer wrote the checkpoint's parameters from this very model config.
+        _, abstract_params = models.abstract_model(config.model)
+        return Pretrained(
+            path,
+            "run",
+            config.model,
+            max(steps),
+            config.tokenizer,
+            tree_utils.shapes(abstract_params),
+        )
+    raise ValueError(
+        f"{what} is neither an mlcd export (no {EXPORT_FILE}) nor a training run (no config.json)"
+    )
+
+
+def restore_pretrained(source: Pretrained, target: Any) -> Any:
+    """The parameters of `source` at the leaves of `target`, a subtree of its model parameters
+    as ShapeDtypeStructs with shardings, read directly onto those shardings: each process reads
+    only its own shards, no host holds them whole, and nothing outside `target` is read (an
+    orbax partial restore; of a run: not its heads or optimizer state)."""
+    if source.kind == "run":
+        ckpt = Checkpointer(source.path, read_only=True)
+        try:
+            return ckpt.restore_subtree(source.step, {"params": target})["params"]
+        finally:
+            ckpt.close()
+    restore = ocp.args.PyTreeRestore(
+        item=target,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True,
+    )
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        return checkpointer.restore(os.path.join(source.path, PARAMS_DIR), args=restore)
+
+
 def load_encoder(export_dir: str, batch_size: int = 256) -> Encoder:
     """The exported encoder, parameters replicated over this process's devices.
 
@@ -137,7 +212,11 @@ def load_encoder(export_dir: str, batch_size: int = 256) -> Encoder:
         check_shapes(abstract_params, metadata, params_dir)
         params = checkpointer.restore(params_dir, replicated(abstract_params, mesh))
     tokenizer = (
-        load_tokenizer(os.path.join(export_dir, meta["tokenizer"])) if meta["tokenizer"] else None
+        load_tokenizer(
+            os.path.join(export_dir, meta["tokenizer"]), meta["preprocess"].get("text_clean")
+        )
+        if meta["tokenizer"]
+        else None
     )
     return Encoder(
         graphdef,
@@ -155,7 +234,11 @@ def encoder_from_run(
 ) -> tuple[Encoder, dict[str, Any]]:
     """(Encoder over a run's checkpoint, spec {'data', 'evals', 'step'}); see restore_run_params."""
     config, graphdef, params, step = restore_run_params(workdir, step)
-    tokenizer = load_tokenizer(config.tokenizer) if config.model.get("text") else None
+    tokenizer = (
+        load_tokenizer(config.tokenizer, config.pp.get("text_clean"))
+        if config.model.get("text")
+        else None
+    )
     encoder = Encoder(
         graphdef,
         params,

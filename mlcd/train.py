@@ -1,9 +1,10 @@
 """The trainer: python -m mlcd.train --config configs/clip.py:tiny --workdir runs/clip_tiny
 
-Sections, top to bottom: mesh -> data -> model, objective and train step -> state (init or
-resume) -> evaluators -> loop -> final report. The method (CLIP, SigLIP, MLCD, ...) is the
-objective that config.objective.name picks (mlcd/objectives); nothing here branches on it. The
-train state is in mlcd/train_state.py, the step in mlcd/train_step.py.
+Sections, top to bottom: mesh -> data -> model, objective and train step -> state (resume, or
+initialise from config.seed and config.init_from) -> evaluators -> loop -> final report. The
+method (CLIP, SigLIP, MLCD, ...) is the objective that config.objective.name picks
+(mlcd/objectives); nothing here branches on it. The train state is in mlcd/train_state.py, the
+step in mlcd/train_step.py.
 
 Every random choice (init, data order, augmentation, per-step rng) derives from config.seed,
 and the data iterator's position is checkpointed, so a resumed run continues exactly as an
@@ -36,10 +37,13 @@ from input_pipeline import datasets
 from input_pipeline.pipeline import TrainIterator
 from input_pipeline.tokenizers import load_tokenizer
 from mlcd import cli, evaluators, label_store, sharding, train_state
-from mlcd.checkpoint import Checkpointer, abstract_like
+from mlcd.checkpoint import Checkpointer
 from mlcd.encoder import Encoder
 from mlcd.metrics_writer import MetricWriter, plot_metrics, read_metrics
 from mlcd.train_step import build_train_step
+
+# Named, so that the CLI shows its INFO lines (cli.setup_logging leaves the root at WARNING).
+log = logging.getLogger("mlcd.train")
 
 # Steps dispatched ahead of the last completed one. JAX dispatches asynchronously: without a
 # bound, the loop would run far ahead of the device between two log steps, the progress bar
@@ -256,7 +260,15 @@ def _train_and_evaluate(
     tokenizer = None
     if config.model.get("text") is not None:  # image-only models (MLCD) need no tokenizer
         tokenizer_path = config.tokenizer or os.path.join(builder.data_dir, "tokenizer.json")
-        tokenizer = load_tokenizer(tokenizer_path)
+        if not config.tokenizer and not os.path.isfile(tokenizer_path):
+            raise ValueError(
+                f"config.tokenizer is not set and dataset {builder.name} has no tokenizer.json "
+                "of its own: give --config.tokenizer (e.g. CLIP's bpe_simple_vocab_16e6.txt.gz)"
+            )
+        try:
+            tokenizer = load_tokenizer(tokenizer_path, config.pp.text_clean)
+        except ValueError as e:
+            raise ValueError(f"config.tokenizer / config.pp.text_clean: {e}") from e
         with config.unlocked():
             config.tokenizer = os.path.abspath(tokenizer_path)  # config.json names the one used
     config = train_state.resolve_model_config(config, tokenizer)
@@ -285,15 +297,12 @@ def _train_and_evaluate(
         process_count=jax.process_count(),
     )
 
-    # ---- State: initialise, or resume if the workdir has a checkpoint -------------------------
-    with jax.set_mesh(mesh):
-        state = train_state.init_state(config, built.objective, built.tx, shardings)
-    num_params = sum(x.size for x in jax.tree.leaves(train_state.model_params(state["params"])))
+    # ---- State: resume if the workdir has a checkpoint, else initialise ----------------------
     # The newest checkpoint that restores; a damaged one is moved aside (never deleted) with a
     # warning, and the one before it is used.
     # Deferred: a restore moves damaged steps aside and the writer rewrites metrics.jsonl.
     with preemption.deferred():
-        resumed = ckpt.restore_latest(abstract_like(state, shardings))
+        resumed = ckpt.restore_latest(built.abstract_state)
         resume_step = None if resumed is None else resumed[0]
         # Per-step metrics since the last log record: checkpointed with the data position, so
         # the first record after a resume averages the same steps as the uninterrupted run's.
@@ -306,8 +315,14 @@ def _train_and_evaluate(
                 {k: np.float32(v) for k, v in m.items()}
                 for m in data_state.get("pending_metrics", [])
             ]
-            logging.info("resumed from step %d", resume_step)
+            log.info("resumed from step %d", resume_step)
         writer = MetricWriter(workdir, resume_step=resume_step)
+    if resumed is None:
+        # Only a fresh run reads config.init_from: a resumed one continues from its own
+        # checkpoint, which is what makes the resume exact (and needs no init_from on disk).
+        with jax.set_mesh(mesh):
+            state = train_state.init_state(config, built.objective, built.tx, shardings)
+    num_params = sum(x.size for x in jax.tree.leaves(train_state.model_params(state["params"])))
 
     def save(step: int) -> None:
         pending = [{k: float(v) for k, v in m.items()} for m in jax.device_get(log_metrics)]
@@ -500,7 +515,7 @@ def parse_args(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, str, tup
 def main(argv: Sequence[str] | None = None) -> int:
     """Exit status: 0 done, 2 bad input (one line on stderr), PREEMPTED_EXIT after SIGTERM
     (checkpointed: re-run the same command to resume)."""
-    cli.setup_logging(__name__)
+    cli.setup_logging(__name__, log.name)
 
     def body() -> None:
         config, workdir, allowed = parse_args(sys.argv[1:] if argv is None else argv)

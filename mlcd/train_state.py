@@ -15,6 +15,9 @@ rng replicated. Heads sit under params['heads'] so that parameter paths say what
 
 from __future__ import annotations
 
+import filecmp
+import json
+import logging
 import re
 from typing import Any
 
@@ -23,12 +26,15 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from configs import common as config_lib
 from input_pipeline.tokenizers import Tokenizer
-from mlcd import models, sharding
+from mlcd import models, runs, sharding, tree_utils
 from mlcd.models import layers, text, vit
 from mlcd.objectives import Objective, head_key
 
 HEADS = "heads"
+# The trainer's logger (mlcd/train.py), whose INFO lines the CLI shows.
+log = logging.getLogger("mlcd.train")
 
 
 def resolve_model_config(
@@ -129,12 +135,127 @@ def state_shardings(
     }
 
 
+def _subtree(tree: dict[Any, Any], paths: set[str], prefix: str = "") -> dict[Any, Any]:
+    """The nested dict `tree` with only its leaves at `paths` (tree_utils.path_str spelling)."""
+    out = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            if sub := _subtree(value, paths, path + "/"):
+                out[key] = sub
+        elif path in paths:
+            out[key] = value
+    return out
+
+
+def _differing_model_keys(
+    source: ml_collections.ConfigDict, here: ml_collections.ConfigDict, towers: set[str]
+) -> list[tuple[str, Any, Any]]:
+    """(key, source's value, this run's) of each config.model key whose values differ, such as
+    'model.image.width', leaving out the towers ('image', 'text') that are not in `towers`."""
+    changed = config_lib.changed_keys(
+        {"model": json.loads(source.to_json())}, ml_collections.ConfigDict({"model": here})
+    )
+    part = lambda key: key.split(".")[1]
+    return [c for c in changed if part(c[0]) in towers or part(c[0]) not in ("image", "text")]
+
+
+def load_init_from(config: ml_collections.ConfigDict, params: dict[str, Any]) -> dict[str, Any]:
+    """`params`, the model's freshly initialised parameters, with those of config.init_from (an
+    mlcd export, or a training run's latest checkpoint: runs.open_pretrained) in their place,
+    read directly onto the same shardings. Parameters whose path config.init_from_skip (a regex,
+    e.g. 'text/.*|t') fully matches keep their fresh values. `config` is resolved as the
+    trainer resolves it (config.tokenizer names the run's tokenizer file).
+
+    The architecture is this run's config.model, not the source's. Each parameter loaded must
+    be in the source with the same shape, and each of the source's parameters must be loaded,
+    except skipped ones and the parts (towers, logit scale) this model does not have at all:
+    an image-only model started from a two-tower export loads the image tower and ignores the
+    rest. Otherwise a ValueError lists the first differing parameters with both shapes and the
+    config.model keys that differ. A text tower is loaded only with the tokenizer it was
+    trained with (config.tokenizer a file of the same contents). Model settings that change no
+    shape (an activation, causal masking) but differ in a loaded tower are logged as a warning.
+    """
+    what = f"config.init_from={config.init_from!r}"
+    skip = config.init_from_skip
+    try:
+        pattern = re.compile(skip) if skip else None
+    except re.error as e:
+        raise ValueError(f"config.init_from_skip={skip!r} is not a regex: {e}") from None
+    skipped = lambda path: pattern is not None and pattern.fullmatch(path) is not None
+    part = lambda path: path.split("/")[0]
+    source = runs.open_pretrained(config.init_from, what)
+
+    here = tree_utils.shapes(params)
+    to_load = {path for path in here if not skipped(path)}
+    # A source parameter in a part (tower, logit scale) this model has is never dropped
+    # unnoticed: a source tower deeper than this model's is a mismatch, not a partial load.
+    parts = {part(path) for path in here}
+    compared = to_load | {p for p in source.shapes if part(p) in parts and not skipped(p)}
+    differ = [
+        f"{path}: {source.shapes.get(path, 'absent')} there, {here.get(path, 'absent')} here"
+        for path in sorted(compared)
+        if source.shapes.get(path) != here.get(path)
+    ]
+    loaded_parts = {part(path) for path in to_load}
+    keys = _differing_model_keys(source.model, config.model, loaded_parts)
+    describe = lambda items: "; ".join(
+        f"config.{key} ({there!r} there, {now!r} here)" for key, there, now in items
+    )
+    if differ:
+        raise ValueError(
+            f"{what}: {len(differ)} parameters differ from this run's model (whose architecture "
+            f"is this run's config.model): {'; '.join(differ[:3])}"
+            + (f". Keys that differ: {describe(keys[:5])}" if keys else "")
+            + ". Make this run's model the source's, or keep those parameters freshly "
+            "initialised with config.init_from_skip (a regex of parameter paths)"
+        )
+    if (
+        "text" in loaded_parts
+        and source.tokenizer
+        and not filecmp.cmp(source.tokenizer, config.tokenizer, shallow=False)
+    ):
+        raise ValueError(
+            f"{what}: its text tower was trained with the tokenizer {source.tokenizer}, not "
+            f"with config.tokenizer={config.tokenizer!r} (another file); train with "
+            f"--config.tokenizer={source.tokenizer}"
+        )
+    unlike = [k for k in keys if k[0].split(".")[1] in loaded_parts]
+    if unlike:
+        log.warning(
+            "%s: the towers loaded were trained with other settings: %s",
+            what,
+            describe(unlike),
+        )
+
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+        _subtree(params, to_load),
+    )
+    restored = runs.restore_pretrained(source, target)
+    loaded = tree_utils.flatten(restored)
+    log.info(
+        "initialised towers from %s (step %d): %s loaded; %d parameters kept fresh "
+        "(config.init_from_skip); not in this model, ignored: %s",
+        source.path,
+        source.step,
+        ", ".join(sorted(loaded_parts)),
+        len(here) - len(loaded),
+        ", ".join(sorted({part(path) for path in source.shapes} - parts)) or "nothing",
+    )
+    return tree_utils.map_with_path(lambda path, x: loaded.get(path, x), params)
+
+
 def init_params(
     config: ml_collections.ConfigDict, objective: Objective, shardings: dict[str, Any]
 ) -> dict[str, Any]:
     """Step-0 params, created directly with `shardings`: the model from nnx.Rngs(config.seed)
-    (models.init_params), each head by its Head.init from its own stream head_key(seed, name)."""
+    (models.init_params), or, with config.init_from, loaded from there (load_init_from); each
+    head by its Head.init from its own stream head_key(seed, name), so heads start the same
+    with or without init_from."""
     params = models.init_params(config.model, config.seed, model_params(shardings))
+    if config.init_from:
+        params = load_init_from(config, params)
     heads = objective.heads()
     if heads:
         params[HEADS] = {
@@ -151,7 +272,8 @@ def init_state(
     shardings: dict[str, Any],
 ) -> dict[str, Any]:
     """The initial train state, every array created directly with `shardings`
-    (state_shardings). Call under jax.set_mesh(mesh)."""
+    (state_shardings): the params of init_params (so config.init_from applies), a fresh
+    optimizer state, step 0. Call under jax.set_mesh(mesh)."""
     params = init_params(config, objective, shardings["params"])
     return {
         "params": params,

@@ -39,6 +39,11 @@ def first_match(path: str, rules: Sequence[tuple[str, Any]], what: str) -> Any:
     raise ValueError(f"{what}: no rule matches parameter {path!r}; add a catch-all ('.*', ...)")
 
 
+def flatten(tree: Any) -> dict[str, Any]:
+    """{path string: leaf} of every leaf of `tree`."""
+    return {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 def shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     """{path string: shape} of every leaf (arrays, ShapeDtypeStructs or array metadata)."""
-    return {path_str(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return {path: tuple(x.shape) for path, x in flatten(tree).items()}

@@ -13,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
 # Training configs (cluster.py and annotate.py configure python -m mlcd.cluster / mlcd.annotate;
 # test_cluster.py and test_annotate.py build them).
-TOOL_CONFIGS = ("common.py", "__init__.py", "cluster.py", "annotate.py")
+TOOL_CONFIGS = ("common.py", "__init__.py", "cluster.py", "annotate.py", "convert.py")
 METHOD_CONFIGS = [p for p in CONFIG_FILES if os.path.basename(p) not in TOOL_CONFIGS]
 
 

@@ -24,6 +24,11 @@ def get_builder(
     written). Any other name (tfds syntax, e.g. "mnist" or "my_ds/config:1.0.0") must already
     be prepared in data_dir: nothing is downloaded here.
     """
+    if not name:
+        raise ValueError(
+            "config.data.name is not set: name the dataset (for one written by "
+            "input_pipeline.convert, its directory under data_dir)"
+        )
     if not data_dir:
         raise ValueError(f"dataset {name!r} needs a data_dir (got {data_dir!r})")
     data_dir = os.fspath(data_dir)

@@ -215,10 +215,13 @@ class RetrievalEvaluator:
         self.name = name or split
         self.sentences = bool(sentences)
         self._cache: tuple[np.ndarray, list[str], np.ndarray] | None = None
+        # Images of a converted web dataset vary in size: resized once per encoder resolution.
+        self._images = common.ResizedImages(f"retrieval on {builder.name}/{split}")
         self._sentence_cache: tuple[list[str], np.ndarray] | None = None
 
     def _load(self) -> tuple[np.ndarray, list[str], np.ndarray]:
-        """(images uint8 [N, R, R, 3], captions list[str] [T], text_to_image int [T]), read once."""
+        """(images uint8 [N, R, R, 3], or an object array [N] of images of varying sizes,
+        captions list[str] [T], text_to_image int [T]), read once."""
         if self._cache is None:
             data = common.read_split(
                 self.builder,
@@ -229,7 +232,10 @@ class RetrievalEvaluator:
             )
             where = f"retrieval on {self.builder.name}/{self.split}"
             captions, text_to_image = flatten_captions(data, self.caption_keys, where)
-            self._cache = (common.as_rgb(data["image"], where=where), captions, text_to_image)
+            images = data["image"]
+            if images.dtype != object:  # one size: RGB now; varying sizes: per encoder (run)
+                images = common.as_rgb(images, where=where)
+            self._cache = (images, captions, text_to_image)
         return self._cache
 
     def _load_sentences(self) -> tuple[list[str], np.ndarray]:
@@ -247,6 +253,8 @@ class RetrievalEvaluator:
         encoder: see `common` (embed_images with key 'embedding', embed_texts).
         """
         images, texts, text_to_image = self._load()
+        if images.dtype == object:
+            images = self._images.get("images", images, encoder)
         if self.sentences:
             texts, positive = self._load_sentences()
         zimg = common.embed_images(

@@ -79,7 +79,8 @@ class Dense(nnx.Module):
 
 
 class LayerNorm(nnx.Module):
-    """LayerNorm over the last axis, eps 1e-6, params ``scale`` [W] and ``bias`` [W] (float32).
+    """LayerNorm over the last axis, params ``scale`` [W] and ``bias`` [W] (float32); eps 1e-6
+    by default (big_vision's; PyTorch's, hence open_clip's, is 1e-5).
 
     y = (x - mean) / sqrt(var + eps) * scale + bias, mean and var in float32, the variance from
     the centred values (nnx.LayerNorm's default E[x^2] - E[x]^2 loses precision when |mean| >>
@@ -200,27 +201,64 @@ def _bias_gelu_bwd(res, g):
 bias_gelu.defvjp(_bias_gelu_fwd, _bias_gelu_bwd)
 
 
-class Mlp(nnx.Module):
-    """fc1 -> GELU (tanh approximation, as in big_vision's default) -> fc2."""
+# MLP activations. 'gelu_tanh': GELU's tanh approximation (big_vision's default, and ours);
+# 'gelu': the exact erf form (PyTorch's nn.GELU, open_clip's LAION models); 'quick_gelu':
+# u * sigmoid(1.702 u) (OpenAI's CLIP weights were trained with it). Imported weights need the
+# activation they were trained with: the three differ by up to ~0.02 per unit.
+ACTIVATIONS = ("gelu_tanh", "gelu", "quick_gelu")
 
-    def __init__(self, width: int, hidden: int, *, dtype: Any, rngs: nnx.Rngs):
+
+def activation(name: str, u: Array) -> Array:
+    """The activation `name` (one of ACTIVATIONS) applied to u, elementwise."""
+    if name == "gelu_tanh":
+        return jax.nn.gelu(u, approximate=True)
+    if name == "gelu":
+        return jax.nn.gelu(u, approximate=False)
+    if name == "quick_gelu":
+        return u * jax.nn.sigmoid(1.702 * u)
+    raise ValueError(f"Unknown activation {name!r}; expected one of {ACTIVATIONS}.")
+
+
+class Mlp(nnx.Module):
+    """fc1 -> activation (ACTIVATIONS; default GELU's tanh approximation, as in big_vision) ->
+    fc2."""
+
+    def __init__(
+        self, width: int, hidden: int, *, dtype: Any, rngs: nnx.Rngs, act: str = "gelu_tanh"
+    ):
+        if act not in ACTIVATIONS:
+            raise ValueError(f"Unknown activation {act!r}; expected one of {ACTIVATIONS}.")
         self.fc1 = Dense(width, hidden, dtype=dtype, rngs=rngs)
         self.fc2 = Dense(hidden, width, dtype=dtype, rngs=rngs)
+        self.act = act
 
     def __call__(self, x: Array) -> Array:
         """x: [..., W] -> [..., W]."""
-        h = bias_gelu(self.fc1.matmul(x), self.fc1.bias[...])  # [T, hidden]
+        if self.act == "gelu_tanh":
+            h = bias_gelu(self.fc1.matmul(x), self.fc1.bias[...])  # [T, hidden]
+        else:
+            h = activation(self.act, self.fc1(x))
         return self.fc2(h).reshape(x.shape)
 
 
 class EncoderBlock(nnx.Module):
     """Pre-LN transformer block: x + attn(ln1(x)); x + mlp(ln2(x))."""
 
-    def __init__(self, width: int, num_heads: int, mlp_ratio: int, *, dtype: Any, rngs: nnx.Rngs):
-        self.ln1 = LayerNorm(width, dtype=dtype)
+    def __init__(
+        self,
+        width: int,
+        num_heads: int,
+        mlp_ratio: int,
+        *,
+        dtype: Any,
+        rngs: nnx.Rngs,
+        act: str = "gelu_tanh",
+        ln_eps: float = 1e-6,
+    ):
+        self.ln1 = LayerNorm(width, dtype=dtype, eps=ln_eps)
         self.attn = SelfAttention(width, num_heads, dtype=dtype, rngs=rngs)
-        self.ln2 = LayerNorm(width, dtype=dtype)
-        self.mlp = Mlp(width, mlp_ratio * width, dtype=dtype, rngs=rngs)
+        self.ln2 = LayerNorm(width, dtype=dtype, eps=ln_eps)
+        self.mlp = Mlp(width, mlp_ratio * width, dtype=dtype, rngs=rngs, act=act)
 
     def __call__(self, x: Array, mask: Array | None = None) -> Array:
         x = x + self.attn(self.ln1(x), mask)
@@ -228,9 +266,22 @@ class EncoderBlock(nnx.Module):
 
 
 def encoder_blocks(
-    width: int, depth: int, num_heads: int, mlp_ratio: int, *, dtype: Any, rngs: nnx.Rngs
+    width: int,
+    depth: int,
+    num_heads: int,
+    mlp_ratio: int,
+    *,
+    dtype: Any,
+    rngs: nnx.Rngs,
+    act: str = "gelu_tanh",
+    ln_eps: float = 1e-6,
 ) -> nnx.List:
     """``depth`` pre-LN blocks; a tower holds them as ``blocks`` (paths ``blocks/<i>/...``)."""
     return nnx.List(
-        [EncoderBlock(width, num_heads, mlp_ratio, dtype=dtype, rngs=rngs) for _ in range(depth)]
+        [
+            EncoderBlock(
+                width, num_heads, mlp_ratio, dtype=dtype, rngs=rngs, act=act, ln_eps=ln_eps
+            )
+            for _ in range(depth)
+        ]
     )

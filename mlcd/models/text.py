@@ -30,6 +30,10 @@ _CLIP = dict(
     pool="eos",
     eos_id=None,
     pad_id=None,
+    # As in vit.py: big_vision's activation and LayerNorm eps unless weights were trained with
+    # others (OpenAI's QuickGELU, PyTorch's eps 1e-5).
+    act="gelu_tanh",
+    ln_eps=1e-6,
 )
 _TINY = dict(_CLIP, context_length=32, vocab_size=1024)
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -69,6 +73,8 @@ class TextTransformer(nnx.Module):
         eos_id: int | None,
         pad_id: int | None,
         embed_dim: int,
+        act: str = "gelu_tanh",
+        ln_eps: float = 1e-6,
         dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
@@ -93,9 +99,9 @@ class TextTransformer(nnx.Module):
             nnx.initializers.normal(0.01)(rngs.params(), (context_length, width))
         )
         self.blocks = layers.encoder_blocks(
-            width, depth, num_heads, mlp_ratio, dtype=dtype, rngs=rngs
+            width, depth, num_heads, mlp_ratio, dtype=dtype, rngs=rngs, act=act, ln_eps=ln_eps
         )
-        self.norm = layers.LayerNorm(width, dtype=dtype)
+        self.norm = layers.LayerNorm(width, dtype=dtype, eps=ln_eps)
         self.proj = layers.Dense(width, embed_dim, use_bias=False, dtype=dtype, rngs=rngs)
 
     def token_features(self, tokens: Array) -> Array:
@@ -150,7 +156,7 @@ def build_text(
 ) -> TextTransformer:
     """TextTransformer from a config dict: 'variant' plus optional overrides of
     ``VARIANTS[variant]``'s keys (context_length, vocab_size, width, depth, num_heads,
-    mlp_ratio, causal, pool, eos_id, pad_id)."""
+    mlp_ratio, causal, pool, eos_id, pad_id, act, ln_eps)."""
     return TextTransformer(
         **layers.resolve_variant("text", VARIANTS, cfg), embed_dim=embed_dim, dtype=dtype, rngs=rngs
     )

@@ -29,7 +29,20 @@ PATCH_PROJS = ("shared", "separate")
 # Complete settings per named size; a config's keys override them (layers.resolve_variant).
 # CLIP's towers (Radford et al. 2021, Table 19): S/16 = 384 wide x 12 deep x 6 heads,
 # B = 768 x 12 x 12, L = 1024 x 24 x 16; MLP ratio 4.
-_BASE = dict(image_size=224, mlp_ratio=4, pool="cls", stem="patch", patch_proj="shared")
+# act / ln_eps / ln_pre / patch_bias: big_vision's choices by default; weights imported from
+# OpenAI / open_clip (mlcd/open_clip_format.py) set QuickGELU or exact GELU, PyTorch's 1e-5,
+# a LayerNorm before the blocks (CLIP's ln_pre) and a patch embedding without bias.
+_BASE = dict(
+    image_size=224,
+    mlp_ratio=4,
+    pool="cls",
+    stem="patch",
+    patch_proj="shared",
+    act="gelu_tanh",
+    ln_eps=1e-6,
+    ln_pre=False,
+    patch_bias=True,
+)
 VARIANTS: dict[str, dict[str, Any]] = {
     # CPU try-out: 64 px / patch 8 = 64 patches + cls; ~130 images/s per train step on 2 cores.
     "tiny": dict(_BASE, image_size=64, patch_size=8, width=128, depth=4, num_heads=4),
@@ -48,11 +61,13 @@ class PatchEmbed(nnx.Module):
     its kernel gradient took ~1.5x the matmul's time; the kernel keeps the convolution's
     [P, P, 3, W] layout so checkpoints stay interchangeable.)"""
 
-    def __init__(self, patch_size: int, width: int, *, dtype: Any, rngs: nnx.Rngs):
+    def __init__(
+        self, patch_size: int, width: int, *, dtype: Any, rngs: nnx.Rngs, use_bias: bool = True
+    ):
         self.patch_size, self.dtype = patch_size, dtype
         init = nnx.initializers.lecun_normal(in_axis=(0, 1, 2), out_axis=3)
         self.kernel = nnx.Param(init(rngs.params(), (patch_size, patch_size, 3, width)))
-        self.bias = nnx.Param(jnp.zeros((width,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((width,), jnp.float32)) if use_bias else None
 
     def __call__(self, images: Array) -> Array:
         """images [B, R, R, 3] -> [B, (R / P)^2, W], patches in row-major (y, x) order."""
@@ -61,7 +76,9 @@ class PatchEmbed(nnx.Module):
         patches = images.reshape(b, g, p, g, p, c).transpose(0, 1, 3, 2, 4, 5)
         patches = patches.reshape(b * g * g, p * p * c).astype(self.dtype)  # 2-D: see Dense
         kernel = self.kernel[...].reshape(p * p * c, -1).astype(self.dtype)
-        y = patches @ kernel + self.bias[...].astype(self.dtype)
+        y = patches @ kernel
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
         return y.reshape(b, g * g, -1)
 
 
@@ -84,7 +101,9 @@ class ConvStem(nnx.Module):
     Cout] convolution layout. Padding is SAME: 0 before, 1 after (R even, stride 2).
     """
 
-    def __init__(self, patch_size: int, width: int, *, dtype: Any, rngs: nnx.Rngs):
+    def __init__(
+        self, patch_size: int, width: int, *, dtype: Any, rngs: nnx.Rngs, ln_eps: float = 1e-6
+    ):
         num_convs = patch_size.bit_length() - 1
         if patch_size != 2**num_convs or num_convs < 1:
             raise ValueError(
@@ -96,7 +115,7 @@ class ConvStem(nnx.Module):
             nnx.Param(init(rngs.params(), (3, 3, cin, cout)))
             for cin, cout in itertools.pairwise(channels)
         )
-        self.norms = nnx.List(layers.LayerNorm(c, dtype=dtype) for c in channels[1:])
+        self.norms = nnx.List(layers.LayerNorm(c, dtype=dtype, eps=ln_eps) for c in channels[1:])
         self.proj = layers.Dense(channels[-1], width, dtype=dtype, rngs=rngs)
         self.dtype = dtype
 
@@ -118,11 +137,21 @@ class MapHead(nnx.Module):
     """Multihead attention pooling (big_vision's MAP head): a learned probe attends over the
     tokens, then a residual pre-LN MLP; returns the probe's output [B, W]."""
 
-    def __init__(self, width: int, num_heads: int, mlp_ratio: int, *, dtype: Any, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        width: int,
+        num_heads: int,
+        mlp_ratio: int,
+        *,
+        dtype: Any,
+        rngs: nnx.Rngs,
+        act: str = "gelu_tanh",
+        ln_eps: float = 1e-6,
+    ):
         self.probe = nnx.Param(nnx.initializers.xavier_uniform()(rngs.params(), (1, 1, width)))
         self.attn = layers.CrossAttention(width, num_heads, dtype=dtype, rngs=rngs)
-        self.norm = layers.LayerNorm(width, dtype=dtype)
-        self.mlp = layers.Mlp(width, mlp_ratio * width, dtype=dtype, rngs=rngs)
+        self.norm = layers.LayerNorm(width, dtype=dtype, eps=ln_eps)
+        self.mlp = layers.Mlp(width, mlp_ratio * width, dtype=dtype, rngs=rngs, act=act)
 
     def __call__(self, x: Array) -> Array:
         """x: [B, N, W] -> [B, W]."""
@@ -133,11 +162,12 @@ class MapHead(nnx.Module):
 
 
 class ViT(nnx.Module):
-    """Image tower. Parameter paths: ``patch_embed/kernel`` [P, P, 3, W] (``stem="patch"``; the conv
-    stem has ``patch_embed/kernels/<i>``, ``norms/<i>``, ``proj``), ``cls`` [1, 1, W] (cls
-    pooling only), ``pos_embed`` [1, N, W], ``blocks/<i>/...``, ``norm``, ``map_head/...`` (map
-    pooling only), ``proj/kernel`` [W, E] (no bias), ``patch_proj/kernel`` [W, E] (no bias;
-    patch_proj="separate" only)."""
+    """Image tower. Parameter paths: ``patch_embed/kernel`` [P, P, 3, W] and ``patch_embed/bias``
+    [W] (``stem="patch"``, the bias only with patch_bias; the conv stem has
+    ``patch_embed/kernels/<i>``, ``norms/<i>``, ``proj``), ``cls`` [1, 1, W] (cls pooling only),
+    ``pos_embed`` [1, N, W], ``ln_pre`` (ln_pre only), ``blocks/<i>/...``, ``norm``,
+    ``map_head/...`` (map pooling only), ``proj/kernel`` [W, E] (no bias),
+    ``patch_proj/kernel`` [W, E] (no bias; patch_proj="separate" only)."""
 
     def __init__(
         self,
@@ -152,6 +182,10 @@ class ViT(nnx.Module):
         embed_dim: int,
         stem: str = "patch",
         patch_proj: str = "shared",
+        act: str = "gelu_tanh",
+        ln_eps: float = 1e-6,
+        ln_pre: bool = False,
+        patch_bias: bool = True,
         dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
@@ -169,20 +203,28 @@ class ViT(nnx.Module):
             )
         self.image_size, self.patch_size = image_size, patch_size
         self.pool, self.dtype = pool, dtype
-        stem_cls = PatchEmbed if stem == "patch" else ConvStem
-        self.patch_embed = stem_cls(patch_size, width, dtype=dtype, rngs=rngs)
+        if stem == "patch":
+            self.patch_embed = PatchEmbed(
+                patch_size, width, dtype=dtype, rngs=rngs, use_bias=patch_bias
+            )
+        else:
+            self.patch_embed = ConvStem(patch_size, width, dtype=dtype, rngs=rngs, ln_eps=ln_eps)
         num_tokens = (image_size // patch_size) ** 2 + (pool == "cls")
         if pool == "cls":
             self.cls = nnx.Param(jnp.zeros((1, 1, width), jnp.float32))
         self.pos_embed = nnx.Param(
             nnx.initializers.normal(0.02)(rngs.params(), (1, num_tokens, width))
         )
+        # CLIP normalises the embedded tokens once more before the first block (ln_pre).
+        self.ln_pre = layers.LayerNorm(width, dtype=dtype, eps=ln_eps) if ln_pre else None
         self.blocks = layers.encoder_blocks(
-            width, depth, num_heads, mlp_ratio, dtype=dtype, rngs=rngs
+            width, depth, num_heads, mlp_ratio, dtype=dtype, rngs=rngs, act=act, ln_eps=ln_eps
         )
-        self.norm = layers.LayerNorm(width, dtype=dtype)
+        self.norm = layers.LayerNorm(width, dtype=dtype, eps=ln_eps)
         if pool == "map":
-            self.map_head = MapHead(width, num_heads, mlp_ratio, dtype=dtype, rngs=rngs)
+            self.map_head = MapHead(
+                width, num_heads, mlp_ratio, dtype=dtype, rngs=rngs, act=act, ln_eps=ln_eps
+            )
         self.proj = layers.Dense(width, embed_dim, use_bias=False, dtype=dtype, rngs=rngs)
         if patch_proj == "separate":
             self.patch_proj = layers.Dense(width, embed_dim, use_bias=False, dtype=dtype, rngs=rngs)
@@ -208,6 +250,8 @@ class ViT(nnx.Module):
             cls = jnp.zeros_like(x[:, :1]) + self.cls[...].astype(x.dtype)
             x = jnp.concatenate([cls, x], axis=1)
         x = x + self.pos_embed[...].astype(x.dtype)
+        if self.ln_pre is not None:
+            x = self.ln_pre(x)
         for block in self.blocks:
             x = block(x)
         x = self.norm(x)
@@ -230,7 +274,8 @@ class ViT(nnx.Module):
 
 def build_vit(cfg: Mapping[str, Any], *, embed_dim: int, dtype: Any, rngs: nnx.Rngs) -> ViT:
     """ViT from a config dict: 'variant' plus optional overrides of ``VARIANTS[variant]``'s keys
-    (image_size, patch_size, width, depth, num_heads, mlp_ratio, pool, stem, patch_proj)."""
+    (image_size, patch_size, width, depth, num_heads, mlp_ratio, pool, stem, patch_proj, act,
+    ln_eps, ln_pre, patch_bias)."""
     return ViT(
         **layers.resolve_variant("image", VARIANTS, cfg),
         embed_dim=embed_dim,
