@@ -38,6 +38,8 @@ ADDED_KEYS = {
     "model.image.patch_bias": True,
     "model.text.act": "gelu_tanh",
     "model.text.ln_eps": 1e-6,
+    "model.remat": "none",
+    "model.attention": "xla",
 }
 
 
@@ -124,6 +126,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.logit_bias_init = ml_collections.config_dict.placeholder(float)
     c.model.max_logit_scale = 100.0
     c.model.dtype = "float32"
+    # Memory and speed on accelerators (docs/architecture.md, "Remat, attention and dtype"); the
+    # parameters are the same either way. remat: 'none' | 'full' | 'dots_saveable', what each
+    # encoder block recomputes in the backward pass. attention: 'xla' (einsum + float32
+    # softmax) | 'fused' (jax.nn.dot_product_attention: cuDNN flash attention on GPU in bf16).
+    c.model.remat = "none"
+    c.model.attention = "xla"
     # config.objective (name + the method's own settings) is set by each method's config file.
 
     c.optim = ml_collections.ConfigDict()

@@ -2,7 +2,10 @@
 
 Parameters are always float32; ``dtype`` is the compute dtype of matmuls and
 activations. In bfloat16 compute, layer-norm statistics and the attention softmax still run in
-float32 (see ``LayerNorm`` and ``dot_product_attention``).
+float32 (see ``LayerNorm``, ``dot_product_attention`` and ``fused_attention``).
+
+Two model-level switches trade memory and speed without changing the parameters
+(config.model.attention, ATTENTIONS; config.model.remat, REMATS; docs/architecture.md).
 
 Parameter paths are stable and regex-friendly, e.g. ``blocks/0/attn/qkv/kernel`` [W, 3W],
 ``blocks/0/mlp/fc1/kernel`` [W, M]; sharding rules match on them.
@@ -10,7 +13,8 @@ Parameter paths are stable and regex-friendly, e.g. ``blocks/0/attn/qkv/kernel``
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -22,6 +26,23 @@ Array = jax.Array
 
 # big_vision / ViT initialisation: xavier-uniform kernels, zero biases.
 _KERNEL_INIT = nnx.initializers.xavier_uniform()
+
+# config.model.attention: 'xla' is dot_product_attention below (einsum logits, float32 softmax;
+# the default); 'fused' is jax.nn.dot_product_attention (fused_attention), cuDNN's flash
+# attention on a GPU in bf16 / fp16, which never writes the [B, H, Nq, Nk] logits to memory.
+ATTENTIONS = ("xla", "fused")
+# config.model.remat: what the backward pass of each encoder block may read from its forward
+# pass; the rest is recomputed (run_blocks).
+REMATS = ("none", "full", "dots_saveable")
+
+
+def check_choice(key: str, value: str, choices: tuple[str, ...]) -> str:
+    """Returns value if it is one of choices; else a ValueError naming config.model.<key>."""
+    if value not in choices:
+        raise ValueError(
+            f"Unknown model {key} {value!r} (config.model.{key}); expected one of {choices}."
+        )
+    return value
 
 
 def resolve_variant(
@@ -101,6 +122,41 @@ class LayerNorm(nnx.Module):
         return ((centred * rstd) * self.scale[...] + self.bias[...]).astype(self.dtype)
 
 
+@dataclasses.dataclass(frozen=True)
+class AttentionMask:
+    """Which keys each query attends to, in a form both ATTENTIONS take.
+
+    causal: query i attends to keys j <= i (static: a Python bool, part of the pytree's
+      structure). key_valid: bool [B, Nk] or None; False = a padding key, not attended.
+    """
+
+    causal: bool = False
+    key_valid: Array | None = None
+
+    def dense(self, nq: int, nk: int) -> Array | None:
+        """bool, broadcastable to [B, 1, nq, nk] (dot_product_attention's mask); None when
+        every key is attended."""
+        mask = jnp.tril(jnp.ones((nq, nk), bool))[None, None] if self.causal else None
+        if self.key_valid is not None:
+            padding = self.key_valid[:, None, None, :]
+            mask = padding if mask is None else mask & padding
+        return mask
+
+    def key_lengths(self) -> Array:
+        """int32 [B]: 1 + the position of the row's last valid key (0 if none).
+
+        The fused kernels take padding as a length: keys from there on are not attended. A
+        padding key before the last valid one is attended (a tokenizer's pad id can be a real
+        token, e.g. '!' = 0 in CLIP's BPE; only trailing pads are padding).
+        """
+        positions = jnp.arange(1, self.key_valid.shape[1] + 1, dtype=jnp.int32)
+        return jnp.max(jnp.where(self.key_valid, positions, 0), axis=1)
+
+
+# A pytree, so that a mask passes through jax.checkpoint / nnx.remat as an argument.
+jax.tree_util.register_dataclass(AttentionMask, data_fields=["key_valid"], meta_fields=["causal"])
+
+
 def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None = None) -> Array:
     """softmax(q k^T / sqrt(D) + mask) v, per head.
 
@@ -121,35 +177,95 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None = Non
     return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
 
 
+def fused_implementation(dtype: Any, backend: str | None = None) -> str | None:
+    """jax.nn.dot_product_attention's `implementation` for q of `dtype` on `backend` (default:
+    jax.default_backend()): 'cudnn' (flash attention) on a GPU in bf16 / fp16, None elsewhere.
+
+    Why explicit: implementation=None is jax's XLA path on every backend (jax 0.10 selects no
+    kernel by itself), and cuDNN's kernel takes bf16 / fp16 / fp8 only, so float32 compute
+    stays on the XLA path on a GPU too.
+    """
+    backend = backend or jax.default_backend()
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return "cudnn" if backend == "gpu" and half else None
+
+
+def fused_attention(q: Array, k: Array, v: Array, mask: AttentionMask | None = None) -> Array:
+    """softmax(q k^T / sqrt(D) + mask) v by jax.nn.dot_product_attention ([B, T, N, H] there is
+    our [B, N, H, D]: batch, tokens, heads, head dim).
+
+    The mask goes in as is_causal and key lengths (AttentionMask.key_lengths), the forms
+    cuDNN's flash attention skips work for; a dense mask would become an additive [B, 1, T, S]
+    bias, which cuDNN refuses for odd lengths in training (CLIP's 77 text tokens).
+
+    Numerics: logits and softmax in float32 in every implementation (jax's XLA path computes
+    bf16 logits with float32 accumulation and output, BF16_BF16_F32; cuDNN keeps its running
+    softmax in float32); the probabilities are cast to v's dtype before the second matmul, as
+    in dot_product_attention. The 1/sqrt(D) scale multiplies the float32 logits here, the bf16
+    queries there, so bf16 results can differ at bf16 resolution; float32 ones by ~1e-7.
+
+    Returns:
+      [B, Nq, H, D] in q's dtype.
+    """
+    causal = mask is not None and mask.causal
+    lengths = None if mask is None or mask.key_valid is None else mask.key_lengths()
+    return jax.nn.dot_product_attention(
+        q,
+        k,
+        v,
+        is_causal=causal,
+        key_value_seq_lengths=lengths,
+        implementation=fused_implementation(q.dtype),
+    )
+
+
+def attention(
+    q: Array, k: Array, v: Array, mask: AttentionMask | None, implementation: str
+) -> Array:
+    """Attention of q [B, Nq, H, D] over k, v [B, Nk, H, D] by `implementation` (ATTENTIONS)."""
+    if implementation == "fused":
+        return fused_attention(q, k, v, mask)
+    return dot_product_attention(
+        q, k, v, None if mask is None else mask.dense(q.shape[1], k.shape[1])
+    )
+
+
 class SelfAttention(nnx.Module):
     """Multi-head self-attention with one fused QKV projection.
 
     ``qkv/kernel`` is [W, 3W] laid out as (q|k|v) x heads x head_dim, so one matmul produces all
-    three and a model-parallel rule can shard its output dimension.
+    three and a model-parallel rule can shard its output dimension. ``attention``: ATTENTIONS.
     """
 
-    def __init__(self, width: int, num_heads: int, *, dtype: Any, rngs: nnx.Rngs):
+    def __init__(
+        self, width: int, num_heads: int, *, dtype: Any, rngs: nnx.Rngs, attention: str = "xla"
+    ):
         if width % num_heads:
             raise ValueError(f"width {width} is not divisible by num_heads {num_heads}.")
         self.num_heads = num_heads
+        self.attention = check_choice("attention", attention, ATTENTIONS)
         self.qkv = Dense(width, 3 * width, dtype=dtype, rngs=rngs)
         self.out = Dense(width, width, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: Array, mask: Array | None = None) -> Array:
-        """x: [B, N, W] -> [B, N, W]; mask as in ``dot_product_attention``."""
+    def __call__(self, x: Array, mask: AttentionMask | None = None) -> Array:
+        """x: [B, N, W] -> [B, N, W]."""
         b, n, w = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, w // self.num_heads)
-        y = dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], mask)
+        y = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], mask, self.attention)
         return self.out(y.reshape(b, n, w))
 
 
 class CrossAttention(nnx.Module):
-    """Multi-head attention of queries [B, Nq, W] over inputs [B, Nk, W] (used by MAP pooling)."""
+    """Multi-head attention of queries [B, Nq, W] over inputs [B, Nk, W] (used by MAP pooling);
+    ``attention``: ATTENTIONS."""
 
-    def __init__(self, width: int, num_heads: int, *, dtype: Any, rngs: nnx.Rngs):
+    def __init__(
+        self, width: int, num_heads: int, *, dtype: Any, rngs: nnx.Rngs, attention: str = "xla"
+    ):
         if width % num_heads:
             raise ValueError(f"width {width} is not divisible by num_heads {num_heads}.")
         self.num_heads = num_heads
+        self.attention = check_choice("attention", attention, ATTENTIONS)
         self.q = Dense(width, width, dtype=dtype, rngs=rngs)
         self.kv = Dense(width, 2 * width, dtype=dtype, rngs=rngs)
         self.out = Dense(width, width, dtype=dtype, rngs=rngs)
@@ -160,7 +276,7 @@ class CrossAttention(nnx.Module):
         h, d = self.num_heads, w // self.num_heads
         q = self.q(queries).reshape(b, nq, h, d)
         kv = self.kv(x).reshape(b, x.shape[1], 2, h, d)
-        y = dot_product_attention(q, kv[:, :, 0], kv[:, :, 1])
+        y = attention(q, kv[:, :, 0], kv[:, :, 1], None, self.attention)
         return self.out(y.reshape(b, nq, w))
 
 
@@ -242,7 +358,7 @@ class Mlp(nnx.Module):
 
 
 class EncoderBlock(nnx.Module):
-    """Pre-LN transformer block: x + attn(ln1(x)); x + mlp(ln2(x))."""
+    """Pre-LN transformer block: x + attn(ln1(x)); x + mlp(ln2(x)). ``attention``: ATTENTIONS."""
 
     def __init__(
         self,
@@ -254,13 +370,14 @@ class EncoderBlock(nnx.Module):
         rngs: nnx.Rngs,
         act: str = "gelu_tanh",
         ln_eps: float = 1e-6,
+        attention: str = "xla",
     ):
         self.ln1 = LayerNorm(width, dtype=dtype, eps=ln_eps)
-        self.attn = SelfAttention(width, num_heads, dtype=dtype, rngs=rngs)
+        self.attn = SelfAttention(width, num_heads, dtype=dtype, rngs=rngs, attention=attention)
         self.ln2 = LayerNorm(width, dtype=dtype, eps=ln_eps)
         self.mlp = Mlp(width, mlp_ratio * width, dtype=dtype, rngs=rngs, act=act)
 
-    def __call__(self, x: Array, mask: Array | None = None) -> Array:
+    def __call__(self, x: Array, mask: AttentionMask | None = None) -> Array:
         x = x + self.attn(self.ln1(x), mask)
         return x + self.mlp(self.ln2(x))
 
@@ -275,13 +392,60 @@ def encoder_blocks(
     rngs: nnx.Rngs,
     act: str = "gelu_tanh",
     ln_eps: float = 1e-6,
+    attention: str = "xla",
 ) -> nnx.List:
     """``depth`` pre-LN blocks; a tower holds them as ``blocks`` (paths ``blocks/<i>/...``)."""
     return nnx.List(
         [
             EncoderBlock(
-                width, num_heads, mlp_ratio, dtype=dtype, rngs=rngs, act=act, ln_eps=ln_eps
+                width,
+                num_heads,
+                mlp_ratio,
+                dtype=dtype,
+                rngs=rngs,
+                act=act,
+                ln_eps=ln_eps,
+                attention=attention,
             )
             for _ in range(depth)
         ]
     )
+
+
+def _call_block(block: EncoderBlock, x: Array, mask: AttentionMask | None) -> Array:
+    return block(x, mask)
+
+
+# jax.checkpoint policy of each REMATS value but 'none' (None: save nothing but the block's
+# inputs). 'dots_saveable' keeps the outputs of matmuls without batch dimensions, which with
+# Dense's 2-D [T, din] @ [din, dout] are the QKV / output / MLP projections (nearly all of a
+# block's FLOPs, O(T W) memory), and recomputes the rest: LayerNorms, GELU and attention, whose
+# batched einsums give the [B, H, N, N] logits, the largest activations at long sequences.
+# (jax's dots_saveable would keep those logits too.)
+_REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
+    "full": None,
+    "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def run_blocks(
+    blocks: nnx.List, x: Array, mask: AttentionMask | None = None, *, remat: str = "none"
+) -> Array:
+    """x [B, N, W] through every block of `blocks` in order -> [B, N, W].
+
+    remat (REMATS) sets what each block's backward pass reads from its forward pass: 'none'
+    everything autodiff saves (the fastest step, the most memory); 'full' only the block's
+    input, the whole block recomputed (the blocks' inputs plus one block's activations in
+    memory instead of every block's, ~1/3 more FLOPs); 'dots_saveable' the projection and MLP matmul outputs (_REMAT_POLICIES).
+    It is nnx.remat (jax.checkpoint) per block, the usual granularity. The math is the same in
+    every mode: float32 gradients agree to rounding (~1e-7 relative); in bf16 the recomputed
+    block rounds where XLA fuses it differently (~1% of the gradient, bf16's own resolution).
+    bias_gelu's custom VJP composes: its residuals (the fc1 output and bias) are recomputed or
+    saved like any other value.
+    """
+    call = _call_block
+    if remat != "none":
+        call = nnx.remat(_call_block, policy=_REMAT_POLICIES[remat], prevent_cse=True)
+    for block in blocks:
+        x = call(block, x, mask)
+    return x

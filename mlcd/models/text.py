@@ -57,7 +57,9 @@ def first_eos_index(tokens: Array, eos_id: int) -> Array:
 
 class TextTransformer(nnx.Module):
     """Text tower. Parameter paths: ``token_embed/embedding`` [V, W], ``pos_embed`` [L, W],
-    ``blocks/<i>/...``, ``norm``, ``proj/kernel`` [W, E] (no bias)."""
+    ``blocks/<i>/...``, ``norm``, ``proj/kernel`` [W, E] (no bias). ``remat``
+    (layers.REMATS) and ``attention`` (layers.ATTENTIONS) change memory and speed, not the
+    parameters."""
 
     def __init__(
         self,
@@ -76,6 +78,8 @@ class TextTransformer(nnx.Module):
         act: str = "gelu_tanh",
         ln_eps: float = 1e-6,
         dtype: Any = jnp.float32,
+        remat: str = "none",
+        attention: str = "xla",
         rngs: nnx.Rngs,
     ):
         if pool not in POOLS:
@@ -86,6 +90,7 @@ class TextTransformer(nnx.Module):
             raise ValueError("text pool 'eos' needs 'eos_id' (the tokenizer's end-of-text id).")
         self.context_length, self.causal, self.pool = context_length, causal, pool
         self.eos_id, self.pad_id, self.dtype = eos_id, pad_id, dtype
+        self.remat = layers.check_choice("remat", remat, layers.REMATS)
         # CLIP's initialisation scales: token embedding std 0.02, position embedding std 0.01.
         self.token_embed = nnx.Embed(
             vocab_size,
@@ -99,7 +104,15 @@ class TextTransformer(nnx.Module):
             nnx.initializers.normal(0.01)(rngs.params(), (context_length, width))
         )
         self.blocks = layers.encoder_blocks(
-            width, depth, num_heads, mlp_ratio, dtype=dtype, rngs=rngs, act=act, ln_eps=ln_eps
+            width,
+            depth,
+            num_heads,
+            mlp_ratio,
+            dtype=dtype,
+            rngs=rngs,
+            act=act,
+            ln_eps=ln_eps,
+            attention=attention,
         )
         self.norm = layers.LayerNorm(width, dtype=dtype, eps=ln_eps)
         self.proj = layers.Dense(width, embed_dim, use_bias=False, dtype=dtype, rngs=rngs)
@@ -120,12 +133,14 @@ class TextTransformer(nnx.Module):
         if self.causal:
             # Query i sees keys j <= i. Padding follows the real tokens, so no real token ever
             # sees a pad, and pad positions are never pooled: no padding mask is needed.
-            mask = jnp.tril(jnp.ones((length, length), bool))[None, None]
+            mask = layers.AttentionMask(causal=True)
         else:
-            mask = (tokens != self.pad_id)[:, None, None, :]  # [B, 1, 1, L]: pads not attended
+            # Pads not attended. attention='xla' masks every pad_id token; 'fused' only the
+            # trailing ones (AttentionMask.key_lengths), the same for [BOS] text [EOS] pad...
+            # unless the text itself holds the pad id (CLIP's BPE pads with '!').
+            mask = layers.AttentionMask(key_valid=tokens != self.pad_id)
         x = self.token_embed(tokens) + self.pos_embed[:length].astype(self.dtype)
-        for block in self.blocks:
-            x = block(x, mask)
+        x = layers.run_blocks(self.blocks, x, mask, remat=self.remat)
         return self.norm(x)
 
     def __call__(self, tokens: Array) -> dict[str, Array]:
@@ -152,11 +167,23 @@ class TextTransformer(nnx.Module):
 
 
 def build_text(
-    cfg: Mapping[str, Any], *, embed_dim: int, dtype: Any, rngs: nnx.Rngs
+    cfg: Mapping[str, Any],
+    *,
+    embed_dim: int,
+    dtype: Any,
+    rngs: nnx.Rngs,
+    remat: str = "none",
+    attention: str = "xla",
 ) -> TextTransformer:
     """TextTransformer from a config dict: 'variant' plus optional overrides of
     ``VARIANTS[variant]``'s keys (context_length, vocab_size, width, depth, num_heads,
-    mlp_ratio, causal, pool, eos_id, pad_id, act, ln_eps)."""
+    mlp_ratio, causal, pool, eos_id, pad_id, act, ln_eps); remat and attention are
+    model-level (TextTransformer)."""
     return TextTransformer(
-        **layers.resolve_variant("text", VARIANTS, cfg), embed_dim=embed_dim, dtype=dtype, rngs=rngs
+        **layers.resolve_variant("text", VARIANTS, cfg),
+        embed_dim=embed_dim,
+        dtype=dtype,
+        remat=remat,
+        attention=attention,
+        rngs=rngs,
     )

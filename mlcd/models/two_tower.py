@@ -29,6 +29,8 @@ _MODEL_KEYS = (
     "logit_bias_init",
     "max_logit_scale",
     "dtype",
+    "remat",
+    "attention",
 )
 
 
@@ -104,7 +106,10 @@ def build_two_tower(model_cfg: Mapping[str, Any], *, rngs: nnx.Rngs) -> TwoTower
     model_cfg keys: name ('two_tower'), image (dict, see vit.build_vit), text (dict, see text.build_text, or None),
     embed_dim, logit_scale_init (t, the log of the initial scale, or None for no scale: MLCD),
     logit_bias_init (None or float), max_logit_scale (default 100), dtype ('float32' |
-    'bfloat16': compute dtype; params are float32 either way).
+    'bfloat16': compute dtype; params are float32 either way), remat ('none' | 'full' |
+    'dots_saveable', layers.REMATS: recomputation in each encoder block of both towers) and
+    attention ('xla' | 'fused', layers.ATTENTIONS: every attention of both towers); the last
+    two change memory and speed, not the parameters.
     """
     cfg = dict(model_cfg)
     unknown = sorted(set(cfg) - set(_MODEL_KEYS))
@@ -116,15 +121,16 @@ def build_two_tower(model_cfg: Mapping[str, Any], *, rngs: nnx.Rngs) -> TwoTower
     dtype_name = cfg.get("dtype", "float32")
     if dtype_name not in DTYPES:
         raise ValueError(f"Unknown model dtype {dtype_name!r}; expected one of {sorted(DTYPES)}.")
-    dtype = DTYPES[dtype_name]
-    embed_dim = cfg["embed_dim"]
-    image = build_vit(cfg["image"], embed_dim=embed_dim, dtype=dtype, rngs=rngs)
-    text_cfg = cfg.get("text")
-    text = (
-        None
-        if text_cfg is None
-        else build_text(text_cfg, embed_dim=embed_dim, dtype=dtype, rngs=rngs)
+    tower = dict(
+        embed_dim=cfg["embed_dim"],
+        dtype=DTYPES[dtype_name],
+        remat=cfg.get("remat", "none"),
+        attention=cfg.get("attention", "xla"),
+        rngs=rngs,
     )
+    image = build_vit(cfg["image"], **tower)
+    text_cfg = cfg.get("text")
+    text = None if text_cfg is None else build_text(text_cfg, **tower)
     return TwoTower(
         image,
         text,

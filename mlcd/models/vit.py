@@ -147,9 +147,12 @@ class MapHead(nnx.Module):
         rngs: nnx.Rngs,
         act: str = "gelu_tanh",
         ln_eps: float = 1e-6,
+        attention: str = "xla",
     ):
         self.probe = nnx.Param(nnx.initializers.xavier_uniform()(rngs.params(), (1, 1, width)))
-        self.attn = layers.CrossAttention(width, num_heads, dtype=dtype, rngs=rngs)
+        self.attn = layers.CrossAttention(
+            width, num_heads, dtype=dtype, rngs=rngs, attention=attention
+        )
         self.norm = layers.LayerNorm(width, dtype=dtype, eps=ln_eps)
         self.mlp = layers.Mlp(width, mlp_ratio * width, dtype=dtype, rngs=rngs, act=act)
 
@@ -167,7 +170,10 @@ class ViT(nnx.Module):
     ``patch_embed/kernels/<i>``, ``norms/<i>``, ``proj``), ``cls`` [1, 1, W] (cls pooling only),
     ``pos_embed`` [1, N, W], ``ln_pre`` (ln_pre only), ``blocks/<i>/...``, ``norm``,
     ``map_head/...`` (map pooling only), ``proj/kernel`` [W, E] (no bias),
-    ``patch_proj/kernel`` [W, E] (no bias; patch_proj="separate" only)."""
+    ``patch_proj/kernel`` [W, E] (no bias; patch_proj="separate" only).
+
+    ``remat`` (layers.REMATS) and ``attention`` (layers.ATTENTIONS, also the MAP head's) change
+    memory and speed, not the parameters."""
 
     def __init__(
         self,
@@ -187,6 +193,8 @@ class ViT(nnx.Module):
         ln_pre: bool = False,
         patch_bias: bool = True,
         dtype: Any = jnp.float32,
+        remat: str = "none",
+        attention: str = "xla",
         rngs: nnx.Rngs,
     ):
         if pool not in POOLS:
@@ -203,6 +211,7 @@ class ViT(nnx.Module):
             )
         self.image_size, self.patch_size = image_size, patch_size
         self.pool, self.dtype = pool, dtype
+        self.remat = layers.check_choice("remat", remat, layers.REMATS)
         if stem == "patch":
             self.patch_embed = PatchEmbed(
                 patch_size, width, dtype=dtype, rngs=rngs, use_bias=patch_bias
@@ -218,12 +227,27 @@ class ViT(nnx.Module):
         # CLIP normalises the embedded tokens once more before the first block (ln_pre).
         self.ln_pre = layers.LayerNorm(width, dtype=dtype, eps=ln_eps) if ln_pre else None
         self.blocks = layers.encoder_blocks(
-            width, depth, num_heads, mlp_ratio, dtype=dtype, rngs=rngs, act=act, ln_eps=ln_eps
+            width,
+            depth,
+            num_heads,
+            mlp_ratio,
+            dtype=dtype,
+            rngs=rngs,
+            act=act,
+            ln_eps=ln_eps,
+            attention=attention,
         )
         self.norm = layers.LayerNorm(width, dtype=dtype, eps=ln_eps)
         if pool == "map":
             self.map_head = MapHead(
-                width, num_heads, mlp_ratio, dtype=dtype, rngs=rngs, act=act, ln_eps=ln_eps
+                width,
+                num_heads,
+                mlp_ratio,
+                dtype=dtype,
+                rngs=rngs,
+                act=act,
+                ln_eps=ln_eps,
+                attention=attention,
             )
         self.proj = layers.Dense(width, embed_dim, use_bias=False, dtype=dtype, rngs=rngs)
         if patch_proj == "separate":
@@ -252,8 +276,7 @@ class ViT(nnx.Module):
         x = x + self.pos_embed[...].astype(x.dtype)
         if self.ln_pre is not None:
             x = self.ln_pre(x)
-        for block in self.blocks:
-            x = block(x)
+        x = layers.run_blocks(self.blocks, x, remat=self.remat)
         x = self.norm(x)
 
         patch_tokens = x[:, 1:] if self.pool == "cls" else x
@@ -272,13 +295,23 @@ class ViT(nnx.Module):
         }
 
 
-def build_vit(cfg: Mapping[str, Any], *, embed_dim: int, dtype: Any, rngs: nnx.Rngs) -> ViT:
+def build_vit(
+    cfg: Mapping[str, Any],
+    *,
+    embed_dim: int,
+    dtype: Any,
+    rngs: nnx.Rngs,
+    remat: str = "none",
+    attention: str = "xla",
+) -> ViT:
     """ViT from a config dict: 'variant' plus optional overrides of ``VARIANTS[variant]``'s keys
     (image_size, patch_size, width, depth, num_heads, mlp_ratio, pool, stem, patch_proj, act,
-    ln_eps, ln_pre, patch_bias)."""
+    ln_eps, ln_pre, patch_bias); remat and attention are model-level (ViT)."""
     return ViT(
         **layers.resolve_variant("image", VARIANTS, cfg),
         embed_dim=embed_dim,
         dtype=dtype,
+        remat=remat,
+        attention=attention,
         rngs=rngs,
     )
