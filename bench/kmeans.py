@@ -16,13 +16,22 @@ Achieved GFLOP/s counts the assignment matmul only (2 N D K per iteration) over 
 iteration time (for the candidate rows: the exact-equivalent rate, so it can pass the ceiling);
 the ceiling is a float32 4096^3 matmul (best of 5) in the same process.
 
-Prints a table, then exactly one line for case 1, of the candidate run (the exact one with
+A second table gives whole calls next to the per-iteration times. The first call of each of
+ours runs right after `jax.clear_caches()`, so it includes tracing and compiling every kernel
+(what a one-off `kmeans(...)` costs); the warm whole calls (best over the repeats) include the
+set-up around the iterations (initial centers, data to the device) but no compile; "s/it"
+there is the per-iteration time with compile excluded, ours as in the first table (mean over
+the iterations), faiss's from its `iteration_stats` (its cumulative clock, iterations 2 to n:
+the first one also carries its set-up; the first table's faiss s/it is its whole call / n).
+
+Prints both tables, then exactly one line for case 1, of the candidate run (the exact one with
 --candidates 0): `kmeans_s_per_iter=X faiss_s_per_iter=Y ratio=Z objective_rel_diff=W`.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
@@ -59,17 +68,37 @@ def mean_best_cosine(x: np.ndarray, centers: np.ndarray) -> float:
     return float(np.mean(sims, dtype=np.float64))
 
 
-def run_ours(x: np.ndarray, k: int, iters: int, seed: int, **kw) -> tuple[float, np.ndarray]:
-    """(seconds per iteration, centers): the mean over iterations of one run; kw: the
-    candidate assignment's arguments, or none for exact Lloyd."""
+@dataclasses.dataclass
+class Run:
+    """One k-means call: its wall time, its per-iteration time (compile excluded) and result."""
+
+    whole_s: float
+    per_iter_s: float
+    centers: np.ndarray
+
+
+def run_ours(x: np.ndarray, k: int, iters: int, seed: int, **kw) -> Run:
+    """One call of ours; per_iter_s is the mean over its iterations. kw: the candidate
+    assignment's arguments, or none for exact Lloyd."""
+    start = time.perf_counter()
     res = clustering.kmeans(
         x, k, iterations=iters, seed=seed, spherical=True, return_info=True, **kw
     )
-    return float(np.mean(res.seconds)), np.asarray(res.centers)
+    centers = np.asarray(res.centers)
+    return Run(time.perf_counter() - start, float(np.mean(res.seconds)), centers)
 
 
-def run_faiss(x: np.ndarray, k: int, iters: int, seed: int) -> tuple[float, np.ndarray]:
-    """(seconds per iteration, centers) of faiss.Kmeans using all points."""
+def first_call_ours(x: np.ndarray, k: int, iters: int, seed: int, **kw) -> float:
+    """Seconds of a call of ours with every cache cleared first: tracing and compiling every
+    kernel included. It also leaves all of them compiled for the timed runs."""
+    jax.clear_caches()
+    return run_ours(x, k, iters, seed, **kw).whole_s
+
+
+def run_faiss(x: np.ndarray, k: int, iters: int, seed: int) -> Run:
+    """One faiss.Kmeans call using all points; per_iter_s from its iteration_stats, whose
+    clock is cumulative from the start of train(): the mean of iterations 2..n (iteration 1
+    also carries faiss's set-up), or the whole iteration clock when n = 1."""
     faiss = faiss_backend.import_faiss()
     km = faiss.Kmeans(
         x.shape[1],
@@ -82,7 +111,34 @@ def run_faiss(x: np.ndarray, k: int, iters: int, seed: int) -> tuple[float, np.n
     )
     start = time.perf_counter()
     km.train(x)
-    return (time.perf_counter() - start) / iters, np.asarray(km.centroids)
+    whole = time.perf_counter() - start
+    clock = np.array([s["time"] for s in km.iteration_stats], np.float64)
+    per_iter = float(np.mean(np.diff(clock))) if iters > 1 else float(clock[0])
+    return Run(whole, per_iter, np.asarray(km.centroids))
+
+
+def print_whole_calls(lines: list[tuple[str, str, float, list[Run], list[Run]]]) -> None:
+    """The second table: per case and method of ours, (name, method, ours first call, ours
+    runs, faiss runs), runs being the repeats' Run lists."""
+    header = (
+        f"{'case':<32} {'ours':<9} {'1st call':>8} {'whole':>7} {'s/it':>7} "
+        f"{'faiss 1st':>9} {'whole':>7} {'s/it':>7} {'1st ratio':>9} {'whole ratio':>11}"
+    )
+    print(
+        "\nwhole calls (s): 1st = first call (ours: compile included), whole = best warm call, "
+        "s/it = best per-iteration (compile excluded)"
+    )
+    print(header)
+    print("-" * len(header))
+    for name, method, first, runs, theirs in lines:
+        whole = min(r.whole_s for r in runs)
+        whole_f = min(r.whole_s for r in theirs)
+        print(
+            f"{name:<32} {method:<9} {first:>8.2f} {whole:>7.2f} "
+            f"{min(r.per_iter_s for r in runs):>7.3f} {theirs[0].whole_s:>9.2f} {whole_f:>7.2f} "
+            f"{min(r.per_iter_s for r in theirs):>7.3f} {first / theirs[0].whole_s:>9.2f} "
+            f"{whole / whole_f:>11.2f}"
+        )
 
 
 def main() -> None:
@@ -111,25 +167,28 @@ def main() -> None:
     )
     print(header)
     print("-" * len(header))
-    rows = {}
+    rows, whole_calls = {}, []
     for case in [int(c) for c in args.cases.split(",")]:
         n, d, k, iters = CASES[case]
         x = np.random.default_rng(case).standard_normal((n, d), np.float32)
         x /= np.linalg.norm(x, axis=1, keepdims=True)
-        for kw in methods.values():  # compile every kernel before timing
-            clustering.kmeans(x, k, iterations=min(2, iters), seed=args.seed, **kw)
+        # Cold first calls, which also compile every kernel before the timed runs.
+        first = {
+            name: first_call_ours(x, k, iters, args.seed, **kw) for name, kw in methods.items()
+        }
         ours = {name: [] for name in methods}
         theirs = []
         for _ in range(args.repeats):
             for name, kw in methods.items():
                 ours[name].append(run_ours(x, k, iters, args.seed, **kw))
             theirs.append(run_faiss(x, k, iters, args.seed))
-        t_faiss = min(t for t, _ in theirs)
-        obj_faiss = mean_best_cosine(x, theirs[0][1])
+        t_faiss = min(r.whole_s for r in theirs) / iters
+        obj_faiss = mean_best_cosine(x, theirs[0].centers)
         name = f"{case}: {n:,}x{d} K={k:,} it={iters}"
         for method, runs in ours.items():
-            t_ours = min(t for t, _ in runs)
-            obj_ours = mean_best_cosine(x, runs[0][1])
+            whole_calls.append((name, method, first[method], runs, theirs))
+            t_ours = min(r.per_iter_s for r in runs)
+            obj_ours = mean_best_cosine(x, runs[0].centers)
             rel = (obj_ours - obj_faiss) / abs(obj_faiss)
             gflops = 2 * n * d * k / t_ours / 1e9
             rows[case] = (t_ours, t_faiss, rel)  # the last method: candidates when enabled
@@ -138,6 +197,7 @@ def main() -> None:
                 f"{t_ours / t_faiss:>6.2f} {gflops:>8.0f} {100 * gflops / ceiling:>5.0f}% "
                 f"{obj_ours:>9.5f} {obj_faiss:>9.5f} {rel:>+9.1e}"
             )
+    print_whole_calls(whole_calls)
     print(f"load average {os.getloadavg()}")
     if 1 in rows:
         t_ours, t_faiss, rel = rows[1]
