@@ -7,8 +7,10 @@ Cases (L2-normalised standard-normal data, float32):
   2: 100,000 x 64 into 16,384 centers, 5 iterations.
 faiss: faiss.Kmeans(d, k, niter, spherical=True, seed) with max_points_per_centroid raised so
 it uses every point. Ours: kmeans(..., spherical=True) with the data resident on the device,
-twice: exact Lloyd, and the candidate assignment (`candidates=--candidates`, an exact pass every
-`--refresh-every` iterations; 0 candidates skips it). The runs alternate `--repeats` times and
+as exact Lloyd, and as the candidate assignment (`candidates=--candidates`, an exact pass every
+`--refresh-every` iterations; 0 candidates skips it) once per `--score-dtypes` entry: 'float32'
+("cand 8/5"), 'bfloat16' ("cand 8/5b": the exact passes shortlist in bfloat16 and re-score in
+float32, `score_dtype='bfloat16'`). The runs alternate `--repeats` times and
 the best time per iteration of each is reported
 (the machine may be shared: see the load average printed first). Both final objectives come
 from one function, the mean cosine of each point to its nearest center (assign_topk, k=1).
@@ -24,8 +26,8 @@ there is the per-iteration time with compile excluded, ours as in the first tabl
 the iterations), faiss's from its `iteration_stats` (its cumulative clock, iterations 2 to n:
 the first one also carries its set-up; the first table's faiss s/it is its whole call / n).
 
-Prints both tables, then exactly one line for case 1, of the candidate run (the exact one with
---candidates 0): `kmeans_s_per_iter=X faiss_s_per_iter=Y ratio=Z objective_rel_diff=W`.
+Prints both tables, then exactly one line for case 1, of the last candidate run (the exact one
+with --candidates 0): `kmeans_s_per_iter=X faiss_s_per_iter=Y ratio=Z objective_rel_diff=W`.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import argparse
 import dataclasses
 import math
 import os
+import platform
 import sys
 import time
 
@@ -60,6 +63,18 @@ def matmul_gflops(n: int = 4096, repeats: int = 5) -> float:
         f(a).block_until_ready()
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best / 1e9
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else platform.processor()."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 def mean_best_cosine(x: np.ndarray, centers: np.ndarray) -> float:
@@ -148,13 +163,20 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--candidates", type=int, default=8)
     parser.add_argument("--refresh-every", type=int, default=5)
+    parser.add_argument(
+        "--score-dtypes", default="float32,bfloat16", help="score_dtype of each candidate run"
+    )
     args = parser.parse_args()
     methods = {"exact": {}}
-    if args.candidates:
+    for dtype in args.score_dtypes.split(",") if args.candidates else []:
         kw = {"candidates": args.candidates, "refresh_every": args.refresh_every}
-        methods[f"cand {args.candidates}/{args.refresh_every}"] = kw
+        suffix = {"float32": "", "bfloat16": "b"}[dtype]
+        methods[f"cand {args.candidates}/{args.refresh_every}{suffix}"] = kw | {
+            "score_dtype": dtype
+        }
     faiss = faiss_backend.import_faiss()
 
+    print(f"CPU: {cpu_model()}")
     print(
         f"load average {os.getloadavg()}, {os.cpu_count()} CPUs, jax {jax.__version__}, "
         f"faiss {faiss.__version__} ({faiss.omp_get_max_threads()} threads)"

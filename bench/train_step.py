@@ -26,6 +26,11 @@ The two steps alternate in rounds (`--rounds` of `--round_steps` steps each, mlc
 both meet the same background load; the ratio is the median over rounds of open_clip's median
 step time over ours.
 
+Heap allocator: the script restarts itself on TCMalloc (or jemalloc) when the system has one,
+as the trainer does (mlcd.allocator; MLCD_ALLOCATOR=system keeps glibc's malloc). Both
+libraries run in this one process, so both get it. The table shows which allocator ran and the
+step's page faults: on glibc every XLA:CPU step faults its buffers in again.
+
 Threads: `--threads` (default: the CPUs this process may run on) sizes XLA:CPU's pool
 (PJRT_NPROC, read when JAX creates its CPU client) and torch's (`torch.set_num_threads`: OpenMP,
 MKL, oneDNN); the two libraries never compute at the same time, so neither oversubscribes the
@@ -38,6 +43,7 @@ import argparse
 import collections
 import os
 import re
+import resource
 import sys
 import time
 from collections.abc import Callable
@@ -53,7 +59,7 @@ from flax import nnx
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from mlcd import losses, models, open_clip_format
+from mlcd import allocator, losses, models, open_clip_format
 from mlcd.models import layers, text, vit
 
 EOS_ID, PAD_ID = 2, 0
@@ -245,6 +251,16 @@ def xla_threads() -> int | None:
         except FileNotFoundError:  # the thread ended meanwhile
             continue
     return sum("XLAEigen" in name for name in names)
+
+
+def page_faults(step: Callable[[], Any], steps: int = 2) -> tuple[float, float]:
+    """(minor page faults, kernel CPU seconds) of this process per call of `step`, over
+    `steps` calls: the cost of buffers the allocator hands back to the kernel (mlcd.allocator)."""
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    for _ in range(steps):
+        step()
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    return (after.ru_minflt - before.ru_minflt) / steps, (after.ru_stime - before.ru_stime) / steps
 
 
 def matmul_paths(hlo: str) -> dict[str, int]:
@@ -453,6 +469,7 @@ def main(argv=None) -> None:
     state_dict = None if isinstance(peer, str) else ours.state_dict(cfg)  # before any step
     r = measure(ours, cfg, args.batch, args.steps, max(args.warmup, 1), args.matmul_size)
     paths = matmul_paths(ours.hlo_text())
+    faults, kernel_s = page_faults(ours.step)
     threads = f"XLA:CPU {xla_threads()} (PJRT_NPROC={os.environ['PJRT_NPROC']})"
     if not isinstance(peer, str):
         threads += f", torch {peer[0].get_num_threads()}"
@@ -476,6 +493,8 @@ def main(argv=None) -> None:
             ("load average (1 min)", f"{os.getloadavg()[0]:.1f}"),
             ("intra-op threads", threads),
             ("dots in the step by library", ", ".join(f"{k} {v}" for k, v in paths.items())),
+            ("heap allocator", allocator.describe()),
+            ("page faults / step, kernel CPU", f"{faults:,.0f}, {kernel_s:.2f} s"),
         ]
     )
     last = (
@@ -489,4 +508,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    allocator.reexec_with_allocator()  # TCMalloc where installed, for both libraries' steps
     main()

@@ -410,7 +410,12 @@ def image_only_evals(evals: ml_collections.ConfigDict) -> ml_collections.ConfigD
 
 
 def paper_b16_preset(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """ViT-B/16 at CLIP's paper scale (224 px, 77 tokens, batch 32K, AdamW, wd 0.2), FSDP."""
+    """ViT-B/16 at CLIP's paper scale (224 px, 77 tokens, batch 32K, AdamW, wd 0.2), FSDP, bf16.
+
+    remat 'dots_saveable': without it the step's activations need ~105 GiB per device at 64
+    devices (512 images each); keeping only the projection / MLP matmul outputs brings CLIP,
+    MOFI and DreamLIP to 28-39 GiB for ~2% more FLOPs ('full' remat: 12-18 GiB, +22%;
+    bench/dry_run.py --remat_search, docs/benchmarks.md)."""
     c.total_steps = 400_000
     c.batch_size = 32_768
     c.pp.image_size = 224
@@ -420,6 +425,7 @@ def paper_b16_preset(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.model.text = ml_collections.ConfigDict({"variant": "B/16", "causal": True, "pool": "eos"})
     c.model.embed_dim = 512
     c.model.dtype = "bfloat16"
+    c.model.remat = "dots_saveable"
     c.optim.lr = 5e-4
     c.optim.warmup_steps = 2000
     c.optim.weight_decay = 0.2

@@ -270,5 +270,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    cli.enable_compilation_cache()
+    cli.start_process()
     sys.exit(main())

@@ -13,6 +13,7 @@ from typing import Any
 import jax
 
 from configs import common as config_lib
+from mlcd import allocator
 
 # Bad input (a config key, a path, a mesh, a batch size, an unknown name) and file-system
 # refusals (a workdir that is a file, no permission): each tool reports these as one line
@@ -29,12 +30,20 @@ def setup_logging(*loggers: str) -> None:
     logging.getLogger("absl").setLevel(logging.ERROR)
 
 
+def start_process() -> None:
+    """What a tool's `if __name__ == '__main__'` block does before main(): restart on TCMalloc
+    where the system has it (mlcd.allocator: XLA:CPU's buffers otherwise cost page faults every
+    step), then the persistent compilation cache. Not done by main(): both are process-wide
+    state that a caller (a test) owns."""
+    allocator.reexec_with_allocator()
+    enable_compilation_cache()
+
+
 def enable_compilation_cache() -> None:
     """Persistent XLA cache (default ~/.cache/mlcd/jax, or $JAX_COMPILATION_CACHE_DIR): a
     re-run or a resumed run skips the seconds-long compiles of the step and the towers.
 
-    Called by the tools' `if __name__ == '__main__'` blocks, not by their main(): the cache is
-    process-wide state that a caller (a test) owns."""
+    (start_process.)"""
     if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         cache = os.path.join(os.path.expanduser("~"), ".cache", "mlcd", "jax")
         jax.config.update("jax_compilation_cache_dir", cache)

@@ -36,7 +36,7 @@ from configs import common as config_lib
 from input_pipeline import datasets
 from input_pipeline.pipeline import TrainIterator
 from input_pipeline.tokenizers import load_tokenizer
-from mlcd import cli, evaluators, label_store, sharding, train_state
+from mlcd import allocator, cli, evaluators, label_store, sharding, train_state
 from mlcd.checkpoint import Checkpointer
 from mlcd.encoder import Encoder
 from mlcd.metrics_writer import MetricWriter, plot_metrics, read_metrics
@@ -232,6 +232,8 @@ def _train_and_evaluate(
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, preemption)
     mesh = sharding.make_mesh(config.mesh)
+    if jax.default_backend() == "cpu":
+        log.info("heap allocator: %s", allocator.describe())
     sharding.check_batch_divisible(config.batch_size, mesh, "config.batch_size")
     microbatches = config.microbatches
     if config.batch_size % (microbatches * mesh.size):
@@ -529,5 +531,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    cli.enable_compilation_cache()
+    cli.start_process()
     sys.exit(main())

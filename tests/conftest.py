@@ -11,6 +11,9 @@ from typing import Any
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The tools' subprocesses in tests run as they are: a restart on TCMalloc (mlcd.allocator) would
+# add an interpreter start to each, and tests/test_allocator.py covers it.
+os.environ.setdefault("MLCD_ALLOCATOR", "system")
 
 import jax
 

@@ -19,6 +19,7 @@ from mlcd.sharding import make_mesh
 # The package's `kmeans` attribute is the function; the module holds the kernels.
 kmeans_mod = importlib.import_module("mlcd.clustering.kmeans")
 assign_mod = importlib.import_module("mlcd.clustering.assign")
+kernels_mod = importlib.import_module("mlcd.clustering._kernels")
 
 MESHES = [(8, 1), (4, 2), (2, 4)]
 N, D, K = 300, 8, 16
@@ -213,6 +214,22 @@ def test_kmeans_matches_numpy_lloyd(data, spherical):
         np.testing.assert_allclose(np.linalg.norm(res.centers, axis=1), 1.0, atol=1e-6)
 
 
+@pytest.mark.parametrize("candidates", [None, 3])
+def test_kmeans_rows_in_parallel_parts_match_numpy_reference(data, monkeypatch, candidates):
+    # 3 parts of 100 rows, each scored on its own thread with its own sums (added in update).
+    monkeypatch.setattr(kmeans_mod, "PARALLEL_MIN_ROWS", 100)
+    monkeypatch.setattr(kmeans_mod.os, "cpu_count", lambda: 3)
+    assert kmeans_mod._cpu_parts(N) == 3
+    init = data[::19][:K]
+    kw = dict(iterations=6, init=init, candidates=candidates, refresh_every=3, return_info=True)
+    res = clustering.kmeans(data, K, **kw)
+    ref_centers, ref_obj = numpy_lloyd(
+        data, unit_rows(init), 6, True, candidates=candidates, refresh_every=3
+    )
+    np.testing.assert_allclose(np.asarray(res.centers), ref_centers, atol=1e-5)
+    np.testing.assert_allclose(res.objective, ref_obj, rtol=1e-5)
+
+
 @pytest.mark.parametrize("mesh", MESHES)
 def test_kmeans_sharded_equals_unsharded(data, reference_run, mesh):
     res = on_mesh(mesh, clustering.kmeans, data, K, iterations=6, seed=3, return_info=True)
@@ -280,6 +297,65 @@ def test_kmeans_candidates_streamed_equals_resident(data, mesh):
     res = on_mesh(mesh, clustering.kmeans, data, K, chunk_size=70, **kw)
     np.testing.assert_allclose(res.centers, resident.centers, atol=1e-5)
     np.testing.assert_allclose(res.objective, resident.objective, rtol=1e-6)
+
+
+@pytest.mark.parametrize(("center_tile", "group", "euclidean"), [(1024, 4, False), (8, 2, True)])
+@pytest.mark.parametrize("sort", [False, True])
+def test_block_shortlist_matches_reference(data, monkeypatch, center_tile, group, euclidean, sort):
+    # 16 centers: one tile of 16 in groups of 4 (ids j, j + 4, j + 8, j + 12), or two tiles of 8
+    # in groups of 2 (ids j, j + 4 of each tile), merged. Continuous data: no ties.
+    monkeypatch.setattr(_data, "CENTER_TILE", center_tile)
+    x, c = data[:37], data[100 : 100 + K]
+    bias = -0.5 * np.sum(c * c, axis=1) if euclidean else None
+    plan = _data.plan_rows(len(x), 1)
+    xp = np.pad(x, ((0, plan.padded - len(x)), (0, 0)))
+    best, idx, vals, ids = jax.jit(
+        lambda a, b, e: assign_mod.block_shortlist(a, b, e, 3, plan, group, sort=sort)
+    )(xp, c, bias)
+    best, idx, vals, ids = (np.asarray(a)[: len(x)] for a in (best, idx, vals, ids))
+    exact = x.astype(np.float64) @ c.T.astype(np.float64) + (0 if bias is None else bias)
+    # Reference shortlist from bfloat16-rounded inputs: each group's best, the 3 best groups.
+    bf = jax.numpy.bfloat16
+    approx = x.astype(bf).astype(np.float64) @ c.astype(bf).astype(np.float64).T
+    approx += 0 if bias is None else bias
+    tile = min(center_tile, K)
+    members = np.arange(K).reshape(K // tile, group, tile // group).transpose(0, 2, 1)
+    members = members.reshape(-1, group)  # [groups, group] center ids
+    winners = members[np.arange(len(members)), np.argmax(approx[:, members], axis=2)]
+    top = np.take_along_axis(winners, np.argsort(-np.max(approx[:, members], axis=2))[:, :3], 1)
+    np.testing.assert_array_equal(np.sort(ids, axis=1), np.sort(top, axis=1))
+    np.testing.assert_allclose(vals, np.take_along_axis(exact, ids, axis=1), rtol=1e-5, atol=1e-5)
+    if sort:
+        assert np.all(np.diff(vals, axis=1) <= 0)
+    np.testing.assert_array_equal(idx, np.argmax(exact, axis=1))  # the exact best
+    np.testing.assert_allclose(best, np.max(exact, axis=1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("mesh", "spherical", "candidates"), [(None, True, 3), ((2, 4), True, 3), (None, False, None)]
+)
+def test_kmeans_bfloat16_scores_match_numpy_reference(data, mesh, spherical, candidates):
+    # 16 centers < 2 groups per shortlist entry: no grouping, so the bfloat16 shortlists hold
+    # each row's exact best 3 (refresh) or 4 (exact passes) and, re-scored in float32, give
+    # float32 Lloyd's result (no near-ties on this data).
+    init = data[::19][:K]
+    start = unit_rows(init) if spherical else init
+    kw = dict(iterations=6, init=init, spherical=spherical, return_info=True)
+    res = on_mesh(
+        mesh,
+        clustering.kmeans,
+        data,
+        K,
+        candidates=candidates,
+        refresh_every=3,
+        score_dtype="bfloat16",
+        **kw,
+    )
+    ref_centers, ref_obj = numpy_lloyd(
+        data, start, 6, spherical, candidates=candidates, refresh_every=3
+    )
+    np.testing.assert_allclose(res.centers, ref_centers, atol=1e-5)
+    np.testing.assert_allclose(res.objective, ref_obj, rtol=1e-5)
 
 
 def test_kmeans_euclidean_sharded_equals_unsharded(data):
@@ -363,21 +439,30 @@ def test_no_device_holds_the_full_center_matrix(data):
         sums, counts = (jax.device_put(a, centers.sharding) for a in (sums, counts))
         candidates = jax.device_put(np.zeros((304, 3), np.int32), chunk.sharding)
         hlo = ""
-        for mode, cand, k_c in [
-            ("exact", None, None),
-            ("refresh", None, 3),
-            ("candidates", candidates, None),
+        for mode, cand, k_c, score_dtype in [
+            ("exact", None, None, "float32"),
+            ("refresh", None, 3, "float32"),
+            ("candidates", candidates, None, "float32"),
+            ("exact", None, None, "bfloat16"),
+            ("refresh", None, 3, "bfloat16"),
         ]:
             args = (chunk, num_valid, centers, sums, counts, cand)
-            lowered = kmeans_mod._accumulate.lower(
-                *args, plan=chunks.plan, spherical=True, mode=mode, num_candidates=k_c, group=1
+            lowered = kernels_mod.accumulate.lower(
+                *args,
+                plan=chunks.plan,
+                spherical=True,
+                mode=mode,
+                num_candidates=k_c,
+                group=1,
+                score_dtype=score_dtype,
             )
             hlo += lowered.compile().as_text()
-        update_hlo = kmeans_mod._update.lower(centers, sums, counts, None, spherical=True)
+        update_hlo = kernels_mod.update.lower(centers, (sums,), (counts,), None, spherical=True)
         update_hlo = update_hlo.compile().as_text()
-    shapes = set(re.findall(r"f32\[[0-9,]+\]", hlo + update_hlo))
+    shapes = set(re.findall(r"b?f(?:16|32)\[[0-9,]+\]", hlo + update_hlo))
     assert "f32[8,5]" in shapes and "f32[304,8]" in shapes, shapes
-    assert "f32[64,5]" not in shapes and "f32[304,64]" not in shapes, shapes
+    for dtype in ("f32", "bf16"):
+        assert f"{dtype}[64,5]" not in shapes and f"{dtype}[304,64]" not in shapes, shapes
 
 
 def test_verbose_progress_bar(data, capsys):
@@ -409,6 +494,10 @@ def test_kmeans_errors(data):
         clustering.kmeans(data, K, candidates=2, refresh_every=0)
     with pytest.raises(ValueError, match="candidates needs backend='jax'"):
         clustering.kmeans(data, K, candidates=2, backend="faiss")
+    with pytest.raises(ValueError, match="score_dtype must be one of"):
+        clustering.kmeans(data, K, score_dtype="float16")
+    with pytest.raises(ValueError, match="score_dtype='bfloat16' needs backend='jax'"):
+        clustering.kmeans(data, K, score_dtype="bfloat16", backend="faiss")
 
 
 # ----------------------------------------------------------------------------------------------

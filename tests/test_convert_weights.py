@@ -264,7 +264,7 @@ def test_activations_and_ln_pre():
     cfg = our_model_config(ln_pre=True, patch_bias=False, act="quick_gelu", ln_eps=1e-5)
     _, abstract = models.abstract_model(cfg)
     assert "ln_pre" in abstract["image"] and "bias" not in abstract["image"]["patch_embed"]
-    with pytest.raises(ValueError, match="Unknown activation 'relu'"):
+    with pytest.raises(ValueError, match=r"Unknown config\.model\.image\.act='relu'"):
         models.abstract_model(our_model_config(act="relu"))
 
 

@@ -408,6 +408,8 @@ def test_overrides_apply():
         (dict(image=dict(IMAGE, pool="max")), "Unknown image pool 'max'"),
         (dict(image=dict(IMAGE, patch_proj="own")), "Unknown image patch_proj 'own'"),
         (dict(text=dict(TEXT, pool="last")), "Unknown text pool 'last'"),
+        (dict(text=dict(TEXT, act="relu")), r"Unknown config\.model\.text\.act='relu'"),
+        (dict(image=dict(IMAGE, ln_eps=0.0)), r"config\.model\.image\.ln_eps=0\.0 must be > 0"),
         (dict(text=dict(TEXT, pad_id=None)), "pad_id"),
         (dict(dtype="float16"), "Unknown model dtype 'float16'"),
         (dict(embed_dims=3), r"Unknown model config key\(s\) \['embed_dims'\]"),

@@ -103,7 +103,8 @@ def to_device(rows: Any, padded: int, sharding: NamedSharding | None) -> jax.Arr
         rows = jnp.pad(rows.astype(jnp.float32), pad)
     else:
         # Host data (NumPy or memmap): pad on the host so the transfer is the only copy.
-        rows = np.pad(np.asarray(rows, np.float32), pad)
+        rows = np.asarray(rows, np.float32)
+        rows = rows if rows.shape[0] == padded else np.pad(rows, pad)
     return jax.device_put(rows, sharding)
 
 

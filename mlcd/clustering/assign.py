@@ -167,6 +167,128 @@ def block_topk(
     return vals.reshape(-1, k), idx.reshape(-1, k).astype(jnp.int32)
 
 
+def _order_keys(s: jax.Array) -> jax.Array:
+    """int32 keys in the order of the float32 scores s: key(a) < key(b) iff a < b.
+
+    A non-negative float's bits already order as int32; a negative float's bits order in
+    reverse, so all but the sign bit are flipped.
+    """
+    bits = jax.lax.bitcast_convert_type(s, jnp.int32)
+    return jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
+
+
+def _lowest_best(s: jax.Array, ids: jax.Array, num_ids: int) -> tuple[jax.Array, jax.Array]:
+    """(id, value) of each row's best score in s [R, k] among ids int32 [R, k]; ties: the
+    lowest id (not the first position), as in an exact pass over all centers."""
+    m = jnp.max(s, axis=1)
+    return jnp.min(jnp.where(s == m[:, None], ids, num_ids), axis=1), m
+
+
+def block_shortlist(
+    x: jax.Array,
+    centers: jax.Array,
+    bias: jax.Array | None,
+    k: int,
+    plan: _data.Plan,
+    group: int,
+    sort: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Best center of every row, and a shortlist of k, from bfloat16 scores re-scored in float32.
+
+    Every center is scored in bfloat16 (inputs rounded to 8-bit mantissas, products summed in
+    float32: on CPUs with AMX-BF16 ~4x the float32 matmul's rate). Each [block, tile] score tile
+    is cut into `group`-member groups of the ids {j, j + tile / group, ...} (strided, so the
+    in-group max is an elementwise max of contiguous slices), each group keeps its best member,
+    and the k best groups across all tiles form the row's shortlist. Those k centers are then
+    scored exactly in float32, and the best of them is the row's center: the exact best unless
+    the bfloat16 rounding (~1e-3 of |x| |c|) pushes it below k other groups' bests.
+
+    The max, its id and the ranking are one int32 max per step: the score's order key
+    (_order_keys) with its low bits replaced by the id within the tile, so the shortlist ranks
+    scores truncated to ~2^-13 relative (ties by higher id); re-scoring makes that exact.
+
+    Args:
+      x: float32 [plan.padded, D].
+      centers: float32 [K, D] (a device's local block when sharded); k <= K.
+      bias: float32 [K] added to every score (see block_top1), or None.
+      k: shortlist length.
+      plan: the tiling of x's rows and of the centers.
+      group: members per group (1 or a divisor of the tile leaving >= k groups; else 1).
+      sort: order each shortlist by descending float32 score, equal scores by increasing id
+        (merge_top_k's input); otherwise its order is arbitrary.
+
+    Returns:
+      (best float32 [padded], index int32 [padded] into `centers`, shortlist scores float32
+      [padded, k], shortlist ids int32 [padded, k] into `centers`); best ties: lowest index.
+    """
+    num_centers = centers.shape[0]
+    tile = min(num_centers, max(plan.center_tile, k))
+    c, b = _tiles(centers, bias, tile)
+    c16 = c.astype(jnp.bfloat16)
+    offsets = jnp.arange(c.shape[0], dtype=jnp.int32) * tile
+    if not (tile % group == 0 and tile // group >= k):
+        group = 1
+    id_mask = (1 << max(1, (tile - 1).bit_length())) - 1
+    taken = jnp.iinfo(jnp.int32).min
+    # Scores are laid out transposed, [tile, block]: every reduction below (in-group max, the
+    # max of each round, the merge) is then an elementwise max across rows of the tile, which
+    # vectorises along the block; along the last axis the same rounds took twice as long.
+
+    def tile_top(xb16, ct, bt, offset):
+        s = jax.lax.dot_general(
+            ct, xb16, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+        )
+        if bt is not None:
+            s = s + bt[:, None]
+        keys = (_order_keys(s) & ~id_mask) | jax.lax.broadcasted_iota(jnp.int32, s.shape, 0)
+        keys = jnp.max(keys.reshape(group, tile // group, s.shape[1]), axis=0)
+
+        # k rounds of max-and-remove over the groups: keys are distinct (distinct ids), and
+        # each round is one vectorised pass (lax.top_k of [block, 128] took ~6x as long).
+        def round_(r, carry):
+            keys, top = carry
+            m = jnp.max(keys, axis=0)
+            return jnp.where(keys == m, taken, keys), top.at[r].set(m)
+
+        top = jnp.zeros_like(keys[:k])  # [k, block], typed like keys (also under shard_map)
+        _, top = jax.lax.fori_loop(0, k, round_, (keys, top))  # [k, block]
+        return top & ~id_mask, (top & id_mask) + offset
+
+    def select(keys, ids):
+        """The k best of [M, block] (truncated keys, global ids); ties: the lowest id."""
+        out = []
+        for _ in range(k):
+            m = jnp.max(keys, axis=0)
+            i = jnp.min(jnp.where(keys == m, ids, num_centers), axis=0)
+            out.append(i)
+            keys = jnp.where(ids == i, taken, keys)
+        return jnp.stack(out)
+
+    def one_block(xb):
+        xb16 = xb.astype(jnp.bfloat16)
+        if c.shape[0] == 1:
+            _, ids = tile_top(xb16, c16[0], None if b is None else b[0], offsets[0])
+        else:
+            # Every tile's k best, then the k best of those: one selection per row block.
+            keys, ids = jax.lax.map(
+                lambda t: tile_top(xb16, *t), (c16, None if b is None else b, offsets)
+            )
+            ids = select(keys.reshape(-1, xb.shape[0]), ids.reshape(-1, xb.shape[0]))
+        ids = ids.T  # [block, k]
+        # Exact float32 scores of the shortlist: k D multiply-adds per row.
+        s = jnp.einsum("bd,bkd->bk", xb, centers[ids])
+        if bias is not None:
+            s = s + bias[ids]
+        if sort:
+            neg, ids = jax.lax.sort((-s, ids), dimension=1, num_keys=2)
+            s = -neg
+        idx, best = _lowest_best(s, ids, num_centers)
+        return best, idx, s, ids
+
+    best, idx, vals, ids = jax.lax.map(one_block, _blocks(x, plan))
+    return best.reshape(-1), idx.reshape(-1), vals.reshape(-1, k), ids.reshape(-1, k)
+
+
 def block_candidates_top1(
     x: jax.Array,
     centers: jax.Array,

@@ -24,7 +24,16 @@ among its previous 16 in 99.9% or more from the first. The k_c recorded are the 
 each of the row's k_c best groups of CANDIDATE_GROUP consecutive center ids (the exact top-k_c
 unless two share a group): a full top-k costs more than the pass's matmul on a CPU. The
 objective still never decreases (a row's own center is always among its candidates); a
-re-seeded center takes part from the next exact pass on. Ties among candidates go to the earlier (better-ranked) candidate.
+re-seeded center takes part from the next exact pass on. Ties among candidates go to the earlier
+(better-ranked) candidate.
+
+bfloat16 scores (`score_dtype='bfloat16'`, an approximation; default float32): the passes that
+score every center (exact Lloyd's, the candidate assignment's refresh passes) do it in bfloat16
+(4x float32's matmul rate on CPUs with AMX-BF16) to shortlist each row's best groups of
+CANDIDATE_GROUP centers (strided ids, see assign.block_shortlist), re-scored in float32: the
+best of the shortlist is the row's center, the exact one unless bfloat16 rounding (~1e-3 of the
+cosine) drops it from the shortlist. On bench/kmeans.py case 1 (k_c = 8, refresh_every = 5)
+the objective matched float32 scoring's to 1e-4 relative.
 
 Empty clusters (no point assigned) are re-seeded with distinct random data rows, drawn by a
 generator seeded with (seed, iteration), in increasing center id order: a deterministic result.
@@ -34,7 +43,13 @@ rows go to the devices once and stay there across iterations (the fast path); wi
 each iteration streams the rows chunk by chunk from the host, accumulating per-center sums and
 counts, so N is bounded by the host's storage, not device memory. Chunk i + 1 is read and
 transferred while chunk i is computed (jax dispatch is asynchronous), and no further: at most
-two chunks are on the devices at a time.
+two chunks are on the devices at a time. On one CPU device, resident rows are split into one
+part per core (_cpu_parts), each scored by its own thread, and the parts' sums are added in the
+update: XLA:CPU runs a program on the thread that calls it and most of this one on one core.
+
+A call's kernels (one per assignment mode, and the update) are all compiled at its start, in
+parallel threads and while the data is transferred (_precompile): on a CPU, a one-off call's
+compilation costs about as much as a few of its iterations.
 
 Sharded (under `jax.set_mesh` with n > 1 devices): the centers [K, D] are split along K over all
 devices (K / n rows each; K must be divisible by n). Each device all-gathers the chunk's rows,
@@ -49,7 +64,9 @@ local. No device holds the full center matrix or a [rows, K] score block.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
+import os
 import time
 from typing import Any, NamedTuple
 
@@ -60,15 +77,16 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from mlcd import partial_fc
-from mlcd.clustering import _data, _init, assign, faiss_backend
-from mlcd.sharding import batch_spec
+from mlcd.clustering import _data, _init, _kernels, faiss_backend
 
 BACKENDS = ("jax", "faiss")
 # Exact passes of the candidate assignment record, as a row's candidates, the best center of
 # each of its k_c best groups of this many consecutive center ids (assign.block_topk).
 CANDIDATE_GROUP = 8
-_TINY = float(np.finfo(np.float32).tiny)
+SCORE_DTYPES = ("float32", "bfloat16")
+# Rows per part at least, for resident rows split over the CPU cores (_cpu_parts): below this a
+# pass is short enough that threads would not pay.
+PARALLEL_MIN_ROWS = 16_384
 
 
 class KMeansResult(NamedTuple):
@@ -91,186 +109,49 @@ class KMeansResult(NamedTuple):
 
 
 # ----------------------------------------------------------------------------------------------
-# Device kernels: one chunk's statistics, and the center update.
-
-
-def _accumulate_shard(
-    x,
-    num_valid,
-    centers,
-    sums,
-    counts,
-    candidates,
-    *,
-    plan,
-    spherical,
-    mode,
-    num_candidates,
-    group,
-    axes,
-):
-    """Adds one chunk's per-center sums and counts; returns them, the chunk's objective sum and,
-    in mode 'refresh', each row's new candidates (None otherwise).
-
-    x [padded / n, D] this device's rows of the chunk (all rows when axes is None), padded
-    rows last; num_valid: int scalar, the real rows; centers, sums [K / n, D], counts [K / n].
-    mode: 'exact' scores every center; 'refresh' too, and also returns int32 [padded / n, k_c]
-    global ids of each of this device's rows' k_c = num_candidates best centers (one per group
-    of `group` consecutive ids: assign.block_topk); 'candidates' scores only `candidates`, int32
-    [padded / n, k_c] global ids per row (None otherwise).
-    """
-    k_local = centers.shape[0]
-    offset = jax.lax.axis_index(axes) * k_local if axes else 0
-    if axes:
-        x = jax.lax.all_gather(x, axes, tiled=True)  # [padded, D]
-    bias = None if spherical else -0.5 * jnp.sum(centers * centers, axis=1)
-    new_candidates = None
-    if mode == "exact":
-        best, idx = assign.block_top1(x, centers, bias, plan)
-    elif mode == "refresh":
-        kk = min(num_candidates, k_local)
-        vals, top = assign.block_topk(x, centers, kk, plan, bias, group=group)
-        best, idx = vals[:, 0], top[:, 0]
-        new_candidates = top + offset
-        if axes:
-            _, new_candidates = partial_fc.merge_top_k(
-                vals, new_candidates, num_candidates, axes, split_rows=True
-            )
-    else:
-        if axes:
-            candidates = jax.lax.all_gather(candidates, axes, tiled=True)  # [padded, k_c]
-        best, idx = assign.block_candidates_top1(x, centers, bias, candidates, offset, plan)
-    mine = jnp.arange(plan.padded) < num_valid
-    if axes:
-        # Row i's global best lives on the first shard whose local best is the maximum.
-        owner, _ = assign.first_argmax(jax.lax.all_gather(best, axes), axis=0)
-        mine &= owner == jax.lax.axis_index(axes)
-    # Rows another shard won (and padding) get an out-of-range id, which segment_sum drops.
-    ids = jnp.where(mine, idx, k_local)
-    sums = sums + jax.ops.segment_sum(x, ids, num_segments=k_local)
-    counts = counts + jax.ops.segment_sum(jnp.ones_like(ids), ids, num_segments=k_local)
-    # Euclidean: |x - c|^2 = |x|^2 - 2 (x . c - |c|^2 / 2) = |x|^2 - 2 * best.
-    per_row = best if spherical else jnp.sum(x * x, axis=1) - 2.0 * best
-    # Summed per block, then over blocks: float32 error stays ~1e-7 relative for large chunks.
-    per_row = jnp.where(mine, per_row, 0.0).reshape(plan.num_blocks, plan.block)
-    objective = jnp.sum(jnp.sum(per_row, axis=1))
-    if axes:
-        objective = jax.lax.psum(objective, axes)
-    return sums, counts, objective, new_candidates
-
-
-@functools.partial(
-    jax.jit,
-    static_argnames=("plan", "spherical", "mode", "num_candidates", "group"),
-    donate_argnames=("sums", "counts"),
-)
-def _accumulate(
-    x, num_valid, centers, sums, counts, candidates, *, plan, spherical, mode, num_candidates, group
-):
-    """Jitted `_accumulate_shard`, under shard_map when a mesh is set; arrays are global
-    (`candidates` row-sharded like x)."""
-    mesh = partial_fc.batch_mesh()
-    body = functools.partial(
-        _accumulate_shard,
-        plan=plan,
-        spherical=spherical,
-        mode=mode,
-        num_candidates=num_candidates,
-        group=group,
-    )
-    args = (x, num_valid, centers, sums, counts, candidates)
-    if mesh is None:
-        return body(*args, axes=None)
-    spec = batch_spec(mesh)
-    return jax.shard_map(
-        functools.partial(body, axes=mesh.axis_names),
-        mesh=mesh,
-        in_specs=(spec, P(), spec, spec, spec, None if candidates is None else spec),
-        out_specs=(spec, spec, P(), spec if mode == "refresh" else None),
-    )(*args)
-
-
-def _update_shard(centers, sums, counts, seeds, *, spherical, axes):
-    """New centers [K / n, D] from this device's sums / counts; empty ones from `seeds`.
-
-    seeds: float32 [E, D] replicated data rows (E >= the global number of empty clusters), or
-    None when no cluster is empty. The e-th empty cluster in global id order gets seeds[e].
-    """
-    empty = counts == 0
-    if spherical:
-        norm = jnp.linalg.norm(sums, axis=1, keepdims=True)
-        new = sums / jnp.maximum(norm, _TINY)
-        # Members that cancel out (sum = 0) give no direction: keep the old center.
-        keep = empty | (norm[:, 0] == 0)
-    else:
-        new = sums / jnp.maximum(counts, 1)[:, None].astype(sums.dtype)
-        keep = empty
-    new = jnp.where(keep[:, None], centers, new)
-    if seeds is None:
-        return new
-    rank = jnp.cumsum(empty) - 1  # rank of each empty cluster among this shard's empties
-    if axes:
-        # Offset by the empties of the shards before this one (shards hold consecutive ids).
-        per_shard = jax.lax.all_gather(jnp.sum(empty), axes)
-        before = jnp.arange(per_shard.shape[0]) < jax.lax.axis_index(axes)
-        rank = rank + jnp.sum(jnp.where(before, per_shard, 0))
-    rows = seeds[jnp.clip(rank, 0, seeds.shape[0] - 1)]
-    if spherical:
-        rows = rows / jnp.maximum(jnp.linalg.norm(rows, axis=1, keepdims=True), _TINY)
-    return jnp.where(empty[:, None], rows, new)
-
-
-@functools.partial(jax.jit, static_argnames=("spherical",), donate_argnames=("centers",))
-def _update(centers, sums, counts, seeds, *, spherical):
-    """Jitted `_update_shard`, under shard_map when a mesh is set; arrays are global."""
-    mesh = partial_fc.batch_mesh()
-    body = functools.partial(_update_shard, spherical=spherical)
-    if mesh is None:
-        return body(centers, sums, counts, seeds, axes=None)
-    spec = batch_spec(mesh)
-    return jax.shard_map(
-        functools.partial(body, axes=mesh.axis_names),
-        mesh=mesh,
-        in_specs=(spec, spec, spec, None if seeds is None else P()),
-        out_specs=spec,
-    )(centers, sums, counts, seeds)
-
-
-@functools.partial(jax.jit, donate_argnums=0)
-def _normalize(x: jax.Array) -> jax.Array:
-    """Rows scaled to unit L2 norm (zero rows, e.g. padding, stay zero); row-wise, so a
-    row-sharded input stays sharded."""
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=1, keepdims=True), _TINY)
-
-
-# ----------------------------------------------------------------------------------------------
 # Host side: data chunks, seeds for empty clusters, the Lloyd loop.
 
 
 class _Chunks:
     """The rows of x as device chunks of one static padded shape, unit rows when spherical.
 
-    A single chunk (chunk_size None or >= N) is put on the devices once and reused by every
-    iteration; otherwise each pass reads and transfers the chunks again.
+    A single chunk (chunk_size None or >= N) is put on the devices once, on the first pass (so
+    that the kernels' compilation, started before it, overlaps the transfer), and reused by
+    every iteration; otherwise each pass reads and transfers the chunks again.
     """
 
-    def __init__(self, x: Any, chunk_size: int | None, spherical: bool, sharding):
-        self._x, self._spherical, self._sharding = x, spherical, sharding
+    def __init__(self, x: Any, chunk_size: int | None, spherical: bool, sharding, parts: int = 1):
+        self._x, self._spherical, self.sharding = x, spherical, sharding
         self.rows = x.shape[0]
-        self.chunk_rows = self.rows if chunk_size is None else min(chunk_size, self.rows)
+        self.resident = chunk_size is None or chunk_size >= self.rows
+        # Resident rows in `parts` chunks of one shape, scored in parallel by _lloyd's threads.
+        self.chunk_rows = -(-self.rows // parts) if self.resident else chunk_size
         self.plan = _data.plan_rows(self.chunk_rows, _data.num_shards())
-        self._resident = self._load(x) if self.chunk_rows == self.rows else None
+        self._resident = None
 
     def _load(self, rows: Any) -> jax.Array:
-        chunk = _data.to_device(rows, self.plan.padded, self._sharding)
-        return _normalize(chunk) if self._spherical else chunk
+        if self._spherical and not isinstance(rows, jax.Array):
+            # Host rows are normalised on the host, which costs about what the pad copy did;
+            # the device kernel would cost a compilation (~0.1 s) on a first call.
+            rows = np.asarray(rows, np.float32)
+            unit = np.zeros((self.plan.padded, rows.shape[1]), np.float32)  # padding: zero rows
+            norm = np.sqrt(np.einsum("ij,ij->i", rows, rows))[:, None]
+            np.divide(rows, np.maximum(norm, _kernels.TINY), out=unit[: rows.shape[0]])
+            return _data.to_device(unit, self.plan.padded, self.sharding)
+        chunk = _data.to_device(rows, self.plan.padded, self.sharding)
+        return _kernels.normalize(chunk) if self._spherical else chunk
 
     def __iter__(self):
         if self._resident is not None:
-            yield self._resident, self.rows
+            yield from self._resident
             return
+        loaded = []
         for _, chunk in _data.iter_chunks(self._x, self.chunk_rows):
-            yield self._load(chunk), chunk.shape[0]
+            loaded.append((self._load(chunk), chunk.shape[0]))
+            yield loaded[-1]
+            if not self.resident:
+                loaded.clear()
+        self._resident = loaded if self.resident else None
 
 
 def _seeds(x: Any, num_empty: int, num_centers: int, seed: int, iteration: int, sharding):
@@ -293,13 +174,151 @@ def _mode(iteration: int, candidates: int | None, refresh_every: int) -> str:
     return "refresh" if iteration % refresh_every == 0 else "candidates"
 
 
+def _kernel(mode: str, data: _Chunks, spherical: bool, candidates: int | None, score_dtype: str):
+    """`_kernels.accumulate` with the static arguments of an iteration in `mode` bound."""
+    grouped = mode == "refresh" or score_dtype == "bfloat16"  # bfloat16: shortlists by group
+    return functools.partial(
+        _kernels.accumulate,
+        plan=data.plan,
+        spherical=spherical,
+        mode=mode,
+        num_candidates=candidates if mode == "refresh" else None,
+        group=CANDIDATE_GROUP if grouped else 1,
+        score_dtype=score_dtype,
+    )
+
+
+def _precompile(data, centers, *, spherical, candidates, modes, score_dtype, sharding):
+    """{kernel name: Future} compiling, on worker threads, every kernel the iterations will
+    call: one `accumulate` per assignment mode, and `update` without re-seeding.
+
+    Lowering (tracing, which reads the current mesh) runs here; only XLA's compilation, which
+    releases the GIL, runs on the threads, so the kernels compile in parallel with each other
+    and with the data transfer. A compiled lowering lands in the cache that the jitted
+    function's later call looks up, so the call does not compile again; a warm call finds every
+    lowering and compilation cached and costs ~1 ms here.
+    """
+    num_centers, dim = centers.shape
+    x = jax.ShapeDtypeStruct((data.plan.padded, dim), jnp.float32, sharding=sharding)
+    sums = jax.ShapeDtypeStruct((num_centers, dim), jnp.float32, sharding=sharding)
+    counts = jax.ShapeDtypeStruct((num_centers,), jnp.int32, sharding=sharding)
+    lowered = {}
+    for mode in modes:
+        cand = None
+        if mode == "candidates":
+            cand = jax.ShapeDtypeStruct(
+                (data.plan.padded, candidates), jnp.int32, sharding=sharding
+            )
+        kernel = _kernel(mode, data, spherical, candidates, score_dtype)
+        lowered[mode] = kernel.func.lower(
+            x, data.chunk_rows, centers, sums, counts, cand, **kernel.keywords
+        )
+    parts = _num_parts(data)
+    lowered["update"] = _kernels.update.lower(
+        centers, (sums,) * parts, (counts,) * parts, None, spherical=spherical
+    )
+    pool = concurrent.futures.ThreadPoolExecutor(len(lowered))
+    futures = {name: pool.submit(low.compile) for name, low in lowered.items()}
+    pool.shutdown(wait=False)
+    return futures
+
+
+def _cpu_parts(rows: int) -> int:
+    """Parts to split resident rows into, scored by as many threads at once: one per CPU core
+    on an unsharded CPU backend with at least PARALLEL_MIN_ROWS rows per part, else 1.
+
+    XLA:CPU runs most of a k-means kernel on one core (the loop over row blocks and its
+    reductions), and a program runs on the thread that calls it: two threads running the
+    kernel on two halves of the rows took 0.16 s against 0.29 s for one on all of them (the
+    bfloat16 shortlist pass of bench/kmeans.py case 1, 2 cores).
+    """
+    if jax.default_backend() != "cpu" or _data.num_shards() > 1:
+        return 1
+    return max(1, min(os.cpu_count() or 1, rows // PARALLEL_MIN_ROWS))
+
+
+def _num_parts(data: _Chunks) -> int:
+    """How many chunks a pass runs in parallel: all of them when resident, else 1."""
+    return -(-data.rows // data.chunk_rows) if data.resident else 1
+
+
+def _sequential_pass(data, kernel, centers, chunk_candidates, compiling):
+    """One pass over the chunks in turn, sums and counts carried from chunk to chunk; returns
+    ((sums,), (counts,), per-chunk objective sums). kernel: `_kernel(...)`, accumulate with its static
+    arguments bound."""
+    num_centers, dim = centers.shape
+    # Zeros from the host: jnp.zeros would compile two small programs on a first call.
+    sums = jax.device_put(np.zeros((num_centers, dim), np.float32), data.sharding)
+    counts = jax.device_put(np.zeros((num_centers,), np.int32), data.sharding)
+    mode = kernel.keywords["mode"]
+    parts = []
+    for c, (chunk, num_valid) in enumerate(data):
+        if mode in compiling:  # after the first chunk's transfer, which overlaps it
+            compiling.pop(mode).result()  # also re-raises a compilation error
+        cand = chunk_candidates.get(c) if mode == "candidates" else None
+        sums, counts, part, new = kernel(chunk, num_valid, centers, sums, counts, cand)
+        if mode == "refresh":
+            chunk_candidates[c] = new
+        parts.append(part)
+        if len(parts) > 1:
+            # Back-pressure: dispatch is asynchronous, and without this wait the host would
+            # queue every chunk's transfer at once. One chunk computes, the next one loads.
+            parts[-2].block_until_ready()
+    return (sums,), (counts,), parts
+
+
+def _parallel_pass(data, kernel, centers, chunk_candidates, compiling, pool):
+    """One pass over resident chunks, each on its own thread with its own zero sums and counts
+    (added by `update`); returns (sums, counts, objective sums), one entry per chunk."""
+    num_centers, dim = centers.shape
+    chunks = list(data)
+    mode = kernel.keywords["mode"]
+    if mode in compiling:
+        compiling.pop(mode).result()
+
+    def run(c):
+        sums = jax.device_put(np.zeros((num_centers, dim), np.float32), data.sharding)
+        counts = jax.device_put(np.zeros((num_centers,), np.int32), data.sharding)
+        cand = chunk_candidates.get(c) if mode == "candidates" else None
+        # Blocking here keeps the computation on this thread (see _cpu_parts).
+        return jax.block_until_ready(kernel(*chunks[c], centers, sums, counts, cand))
+
+    outs = list(pool.map(run, range(len(chunks))))
+    if mode == "refresh":
+        chunk_candidates.update((c, out[3]) for c, out in enumerate(outs))
+    return tuple(o[0] for o in outs), tuple(o[1] for o in outs), [o[2] for o in outs]
+
+
 def _lloyd(
-    x, centers, *, iterations, seed, spherical, chunk_size, candidates, refresh_every, verbose
+    x,
+    centers,
+    *,
+    iterations,
+    seed,
+    spherical,
+    chunk_size,
+    candidates,
+    refresh_every,
+    score_dtype,
+    verbose,
 ) -> KMeansResult:
     """Lloyd iterations from `centers` (float32 [K, D] on the devices, sharded along K)."""
-    num_centers, dim = centers.shape
+    num_centers = centers.shape[0]
     sharding = _data.row_sharding()
-    data = _Chunks(x, chunk_size, spherical, sharding)
+    data = _Chunks(x, chunk_size, spherical, sharding, parts=_cpu_parts(x.shape[0]))
+    pool = None
+    if _num_parts(data) > 1:
+        pool = concurrent.futures.ThreadPoolExecutor(_num_parts(data))
+    modes = sorted({_mode(it, candidates, refresh_every) for it in range(iterations)})
+    compiling = _precompile(
+        data,
+        centers,
+        spherical=spherical,
+        candidates=candidates,
+        modes=modes,
+        score_dtype=score_dtype,
+        sharding=sharding,
+    )
     # Per chunk: int32 [padded, k_c] candidate ids, row-sharded like the chunk (N * k_c * 4
     # bytes over all devices, k_c / D of the data's size), set by each 'refresh' pass.
     chunk_candidates = {}
@@ -308,39 +327,29 @@ def _lloyd(
     for it in bar:
         start = time.perf_counter()
         mode = _mode(it, candidates, refresh_every)
-        sums = jnp.zeros((num_centers, dim), jnp.float32, device=sharding)
-        counts = jnp.zeros((num_centers,), jnp.int32, device=sharding)
-        parts = []
-        for c, (chunk, num_valid) in enumerate(data):
-            sums, counts, part, new = _accumulate(
-                chunk,
-                num_valid,
-                centers,
-                sums,
-                counts,
-                chunk_candidates.get(c) if mode == "candidates" else None,
-                plan=data.plan,
-                spherical=spherical,
-                mode=mode,
-                num_candidates=candidates if mode == "refresh" else None,
-                group=CANDIDATE_GROUP if mode == "refresh" else 1,
+        kernel = _kernel(mode, data, spherical, candidates, score_dtype)
+        if pool is None:
+            sums, counts, parts = _sequential_pass(
+                data, kernel, centers, chunk_candidates, compiling
             )
-            if mode == "refresh":
-                chunk_candidates[c] = new
-            parts.append(part)
-            if len(parts) > 1:
-                # Back-pressure: dispatch is asynchronous, and without this wait the host would
-                # queue every chunk's transfer at once. One chunk computes, the next one loads.
-                parts[-2].block_until_ready()
-        num_empty = int(jnp.sum(counts == 0))
+        else:
+            sums, counts, parts = _parallel_pass(
+                data, kernel, centers, chunk_candidates, compiling, pool
+            )
+        # Counted on the host (K ints): on the device it would compile two more programs.
+        num_empty = int(np.count_nonzero(np.sum([np.asarray(c) for c in counts], axis=0) == 0))
         # Chunk sums are float32; their total is taken in float64 on the host.
         objective.append(float(np.sum([np.float64(p) for p in parts])))
         seeds = _seeds(x, num_empty, num_centers, seed, it, sharding) if num_empty else None
-        centers = _update(centers, sums, counts, seeds, spherical=spherical)
+        if "update" in compiling:
+            compiling.pop("update").result()
+        centers = _kernels.update(centers, sums, counts, seeds, spherical=spherical)
         centers.block_until_ready()
         seconds.append(time.perf_counter() - start)
         reseeded.append(num_empty)
         bar.set_postfix(objective=f"{objective[-1] / data.rows:.6f}", reseeded=num_empty)
+    if pool is not None:
+        pool.shutdown()
     sums = np.asarray(objective, np.float64)
     reseeded = np.asarray(reseeded, np.int64)
     return KMeansResult(centers, sums / data.rows, sums, reseeded, np.asarray(seconds))
@@ -394,6 +403,7 @@ def kmeans(
     chunk_size: int | None = None,
     candidates: int | None = None,
     refresh_every: int = 5,
+    score_dtype: str = "float32",
     backend: str = "jax",
     verbose: bool = False,
     return_info: bool = False,
@@ -422,6 +432,12 @@ def kmeans(
         An approximation: on bench/kmeans.py's data k_c = 8, refresh_every = 5 ended 0.2%
         below exact Lloyd's objective, k_c = 16, refresh_every = 4 0.04% below.
       refresh_every: iterations from one exact pass to the next (with `candidates`).
+      score_dtype: 'float32' scores every center in float32. 'bfloat16' (an approximation, for
+        CPUs with AMX-BF16 or accelerators) scores every center in bfloat16 to keep each row's
+        best groups of CANDIDATE_GROUP centers (SHORTLIST of them in exact passes, k_c in
+        refresh passes) and re-scores those in float32 (assign.block_shortlist): a row's
+        center is exact unless bfloat16 rounding (~1e-3 of the cosine) drops its best center
+        from the shortlist, a near-tie. The candidate iterations are float32 either way.
       backend: 'jax' (this module; sharded under a mesh) or 'faiss' (faiss-cpu on the host; an
         optional extra, `pip install -e .[faiss]`; same init, result placed like the jax one).
       verbose: show a tqdm progress bar with the objective of each iteration.
@@ -434,6 +450,10 @@ def kmeans(
     rows, dim = _data.check_data(x, "x")
     _check_args(rows, num_centers, iterations, init, init_sample_size, chunk_size, backend)
     _check_candidates(candidates, refresh_every, num_centers, backend)
+    if score_dtype not in SCORE_DTYPES:
+        raise ValueError(f"score_dtype must be one of {SCORE_DTYPES}; got {score_dtype!r}.")
+    if score_dtype != "float32" and backend != "jax":
+        raise ValueError("score_dtype='bfloat16' needs backend='jax'.")
     num_centers = int(num_centers)
     rng = np.random.default_rng(seed)
     if not isinstance(init, str):
@@ -462,6 +482,7 @@ def kmeans(
             chunk_size=chunk_size,
             candidates=None if candidates is None else int(candidates),
             refresh_every=int(refresh_every),
+            score_dtype=score_dtype,
             verbose=verbose,
         )
     else:

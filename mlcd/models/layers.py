@@ -35,14 +35,51 @@ ATTENTIONS = ("xla", "fused")
 # pass; the rest is recomputed (run_blocks).
 REMATS = ("none", "full", "dots_saveable")
 
+# MLP activations. 'gelu_tanh': GELU's tanh approximation (big_vision's default, and ours);
+# 'gelu': the exact erf form (PyTorch's nn.GELU, open_clip's LAION models); 'quick_gelu':
+# u * sigmoid(1.702 u) (OpenAI's CLIP weights were trained with it). Imported weights need the
+# activation they were trained with: the three differ by up to ~0.02 per unit.
+ACTIVATIONS = ("gelu_tanh", "gelu", "quick_gelu")
+
 
 def check_choice(key: str, value: str, choices: tuple[str, ...]) -> str:
-    """Returns value if it is one of choices; else a ValueError naming config.model.<key>."""
+    """Returns value if it is one of choices; else a ValueError naming ``key``, the full config
+    key the value was read from (e.g. 'config.model.image.act')."""
     if value not in choices:
-        raise ValueError(
-            f"Unknown model {key} {value!r} (config.model.{key}); expected one of {choices}."
-        )
+        raise ValueError(f"Unknown {key}={value!r}; expected one of {choices}.")
     return value
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSettings:
+    """How one tower's transformer layers compute: the tower passes it whole to its encoder
+    blocks and MAP head, and they to their attention and MLP. None of it changes the
+    parameters' shapes or paths.
+
+    act: the MLP activation, one of ACTIVATIONS (config.model.<tower>.act).
+    ln_eps: the eps of every LayerNorm, > 0 (config.model.<tower>.ln_eps); 1e-6 is big_vision's,
+      1e-5 PyTorch's (open_clip's weights).
+    attention: the attention implementation, one of ATTENTIONS (config.model.attention, one
+      setting for both towers).
+    tower: 'image' or 'text' for settings read from config.model.<tower>; used only to name
+      the config keys in errors ('' for settings built in code: errors name the fields).
+    """
+
+    act: str = "gelu_tanh"
+    ln_eps: float = 1e-6
+    attention: str = "xla"
+    tower: str = ""
+
+    def __post_init__(self):
+        # Checked here, once per tower, so that a bad value fails when the model is built and
+        # the error names the config key it came from.
+        prefix = f"config.model.{self.tower}." if self.tower else ""
+        check_choice(prefix + "act", self.act, ACTIVATIONS)
+        if not self.ln_eps > 0:
+            raise ValueError(f"{prefix}ln_eps={self.ln_eps!r} must be > 0.")
+        check_choice(
+            "config.model.attention" if self.tower else "attention", self.attention, ATTENTIONS
+        )
 
 
 def resolve_variant(
@@ -71,6 +108,22 @@ def resolve_variant(
         )
     settings.update(cfg)
     return settings
+
+
+def resolve_tower(
+    tower: str,
+    variants: Mapping[str, Mapping[str, Any]],
+    cfg: Mapping[str, Any],
+    *,
+    attention: str,
+) -> tuple[dict[str, Any], BlockSettings]:
+    """A tower's constructor arguments from its config: (resolve_variant's settings less act
+    and ln_eps, the BlockSettings of those two and the model-level ``attention``)."""
+    kwargs = resolve_variant(tower, variants, cfg)
+    settings = BlockSettings(
+        act=kwargs.pop("act"), ln_eps=kwargs.pop("ln_eps"), attention=attention, tower=tower
+    )
+    return kwargs, settings
 
 
 class Dense(nnx.Module):
@@ -234,16 +287,16 @@ class SelfAttention(nnx.Module):
     """Multi-head self-attention with one fused QKV projection.
 
     ``qkv/kernel`` is [W, 3W] laid out as (q|k|v) x heads x head_dim, so one matmul produces all
-    three and a model-parallel rule can shard its output dimension. ``attention``: ATTENTIONS.
+    three and a model-parallel rule can shard its output dimension. Reads settings.attention.
     """
 
     def __init__(
-        self, width: int, num_heads: int, *, dtype: Any, rngs: nnx.Rngs, attention: str = "xla"
+        self, width: int, num_heads: int, *, dtype: Any, rngs: nnx.Rngs, settings: BlockSettings
     ):
         if width % num_heads:
             raise ValueError(f"width {width} is not divisible by num_heads {num_heads}.")
         self.num_heads = num_heads
-        self.attention = check_choice("attention", attention, ATTENTIONS)
+        self.attention = settings.attention
         self.qkv = Dense(width, 3 * width, dtype=dtype, rngs=rngs)
         self.out = Dense(width, width, dtype=dtype, rngs=rngs)
 
@@ -257,15 +310,15 @@ class SelfAttention(nnx.Module):
 
 class CrossAttention(nnx.Module):
     """Multi-head attention of queries [B, Nq, W] over inputs [B, Nk, W] (used by MAP pooling);
-    ``attention``: ATTENTIONS."""
+    reads settings.attention."""
 
     def __init__(
-        self, width: int, num_heads: int, *, dtype: Any, rngs: nnx.Rngs, attention: str = "xla"
+        self, width: int, num_heads: int, *, dtype: Any, rngs: nnx.Rngs, settings: BlockSettings
     ):
         if width % num_heads:
             raise ValueError(f"width {width} is not divisible by num_heads {num_heads}.")
         self.num_heads = num_heads
-        self.attention = check_choice("attention", attention, ATTENTIONS)
+        self.attention = settings.attention
         self.q = Dense(width, width, dtype=dtype, rngs=rngs)
         self.kv = Dense(width, 2 * width, dtype=dtype, rngs=rngs)
         self.out = Dense(width, width, dtype=dtype, rngs=rngs)
@@ -317,15 +370,9 @@ def _bias_gelu_bwd(res, g):
 bias_gelu.defvjp(_bias_gelu_fwd, _bias_gelu_bwd)
 
 
-# MLP activations. 'gelu_tanh': GELU's tanh approximation (big_vision's default, and ours);
-# 'gelu': the exact erf form (PyTorch's nn.GELU, open_clip's LAION models); 'quick_gelu':
-# u * sigmoid(1.702 u) (OpenAI's CLIP weights were trained with it). Imported weights need the
-# activation they were trained with: the three differ by up to ~0.02 per unit.
-ACTIVATIONS = ("gelu_tanh", "gelu", "quick_gelu")
-
-
 def activation(name: str, u: Array) -> Array:
-    """The activation `name` (one of ACTIVATIONS) applied to u, elementwise."""
+    """The activation `name` (one of ACTIVATIONS) applied to u, elementwise. (Towers check their
+    act in BlockSettings; the error below is for direct callers.)"""
     if name == "gelu_tanh":
         return jax.nn.gelu(u, approximate=True)
     if name == "gelu":
@@ -336,17 +383,14 @@ def activation(name: str, u: Array) -> Array:
 
 
 class Mlp(nnx.Module):
-    """fc1 -> activation (ACTIVATIONS; default GELU's tanh approximation, as in big_vision) ->
-    fc2."""
+    """fc1 -> activation (settings.act, ACTIVATIONS) -> fc2."""
 
     def __init__(
-        self, width: int, hidden: int, *, dtype: Any, rngs: nnx.Rngs, act: str = "gelu_tanh"
+        self, width: int, hidden: int, *, dtype: Any, rngs: nnx.Rngs, settings: BlockSettings
     ):
-        if act not in ACTIVATIONS:
-            raise ValueError(f"Unknown activation {act!r}; expected one of {ACTIVATIONS}.")
         self.fc1 = Dense(width, hidden, dtype=dtype, rngs=rngs)
         self.fc2 = Dense(hidden, width, dtype=dtype, rngs=rngs)
-        self.act = act
+        self.act = settings.act
 
     def __call__(self, x: Array) -> Array:
         """x: [..., W] -> [..., W]."""
@@ -358,7 +402,7 @@ class Mlp(nnx.Module):
 
 
 class EncoderBlock(nnx.Module):
-    """Pre-LN transformer block: x + attn(ln1(x)); x + mlp(ln2(x)). ``attention``: ATTENTIONS."""
+    """Pre-LN transformer block: x + attn(ln1(x)); x + mlp(ln2(x)), computed as `settings` says."""
 
     def __init__(
         self,
@@ -368,14 +412,12 @@ class EncoderBlock(nnx.Module):
         *,
         dtype: Any,
         rngs: nnx.Rngs,
-        act: str = "gelu_tanh",
-        ln_eps: float = 1e-6,
-        attention: str = "xla",
+        settings: BlockSettings,
     ):
-        self.ln1 = LayerNorm(width, dtype=dtype, eps=ln_eps)
-        self.attn = SelfAttention(width, num_heads, dtype=dtype, rngs=rngs, attention=attention)
-        self.ln2 = LayerNorm(width, dtype=dtype, eps=ln_eps)
-        self.mlp = Mlp(width, mlp_ratio * width, dtype=dtype, rngs=rngs, act=act)
+        self.ln1 = LayerNorm(width, dtype=dtype, eps=settings.ln_eps)
+        self.attn = SelfAttention(width, num_heads, dtype=dtype, rngs=rngs, settings=settings)
+        self.ln2 = LayerNorm(width, dtype=dtype, eps=settings.ln_eps)
+        self.mlp = Mlp(width, mlp_ratio * width, dtype=dtype, rngs=rngs, settings=settings)
 
     def __call__(self, x: Array, mask: AttentionMask | None = None) -> Array:
         x = x + self.attn(self.ln1(x), mask)
@@ -390,23 +432,12 @@ def encoder_blocks(
     *,
     dtype: Any,
     rngs: nnx.Rngs,
-    act: str = "gelu_tanh",
-    ln_eps: float = 1e-6,
-    attention: str = "xla",
+    settings: BlockSettings,
 ) -> nnx.List:
     """``depth`` pre-LN blocks; a tower holds them as ``blocks`` (paths ``blocks/<i>/...``)."""
     return nnx.List(
         [
-            EncoderBlock(
-                width,
-                num_heads,
-                mlp_ratio,
-                dtype=dtype,
-                rngs=rngs,
-                act=act,
-                ln_eps=ln_eps,
-                attention=attention,
-            )
+            EncoderBlock(width, num_heads, mlp_ratio, dtype=dtype, rngs=rngs, settings=settings)
             for _ in range(depth)
         ]
     )

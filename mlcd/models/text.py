@@ -57,8 +57,9 @@ def first_eos_index(tokens: Array, eos_id: int) -> Array:
 
 class TextTransformer(nnx.Module):
     """Text tower. Parameter paths: ``token_embed/embedding`` [V, W], ``pos_embed`` [L, W],
-    ``blocks/<i>/...``, ``norm``, ``proj/kernel`` [W, E] (no bias). ``remat``
-    (layers.REMATS) and ``attention`` (layers.ATTENTIONS) change memory and speed, not the
+    ``blocks/<i>/...``, ``norm``, ``proj/kernel`` [W, E] (no bias). ``settings``
+    (layers.BlockSettings: act, ln_eps, attention) holds for every block and LayerNorm;
+    ``remat`` (layers.REMATS) and ``settings.attention`` change memory and speed, not the
     parameters."""
 
     def __init__(
@@ -75,11 +76,9 @@ class TextTransformer(nnx.Module):
         eos_id: int | None,
         pad_id: int | None,
         embed_dim: int,
-        act: str = "gelu_tanh",
-        ln_eps: float = 1e-6,
+        settings: layers.BlockSettings,
         dtype: Any = jnp.float32,
         remat: str = "none",
-        attention: str = "xla",
         rngs: nnx.Rngs,
     ):
         if pool not in POOLS:
@@ -90,7 +89,7 @@ class TextTransformer(nnx.Module):
             raise ValueError("text pool 'eos' needs 'eos_id' (the tokenizer's end-of-text id).")
         self.context_length, self.causal, self.pool = context_length, causal, pool
         self.eos_id, self.pad_id, self.dtype = eos_id, pad_id, dtype
-        self.remat = layers.check_choice("remat", remat, layers.REMATS)
+        self.remat = layers.check_choice("config.model.remat", remat, layers.REMATS)
         # CLIP's initialisation scales: token embedding std 0.02, position embedding std 0.01.
         self.token_embed = nnx.Embed(
             vocab_size,
@@ -104,17 +103,9 @@ class TextTransformer(nnx.Module):
             nnx.initializers.normal(0.01)(rngs.params(), (context_length, width))
         )
         self.blocks = layers.encoder_blocks(
-            width,
-            depth,
-            num_heads,
-            mlp_ratio,
-            dtype=dtype,
-            rngs=rngs,
-            act=act,
-            ln_eps=ln_eps,
-            attention=attention,
+            width, depth, num_heads, mlp_ratio, dtype=dtype, rngs=rngs, settings=settings
         )
-        self.norm = layers.LayerNorm(width, dtype=dtype, eps=ln_eps)
+        self.norm = layers.LayerNorm(width, dtype=dtype, eps=settings.ln_eps)
         self.proj = layers.Dense(width, embed_dim, use_bias=False, dtype=dtype, rngs=rngs)
 
     def token_features(self, tokens: Array) -> Array:
@@ -178,12 +169,9 @@ def build_text(
     """TextTransformer from a config dict: 'variant' plus optional overrides of
     ``VARIANTS[variant]``'s keys (context_length, vocab_size, width, depth, num_heads,
     mlp_ratio, causal, pool, eos_id, pad_id, act, ln_eps); remat and attention are
-    model-level (TextTransformer)."""
+    model-level (config.model). act, ln_eps and attention make the tower's
+    layers.BlockSettings."""
+    kwargs, settings = layers.resolve_tower("text", VARIANTS, cfg, attention=attention)
     return TextTransformer(
-        **layers.resolve_variant("text", VARIANTS, cfg),
-        embed_dim=embed_dim,
-        dtype=dtype,
-        remat=remat,
-        attention=attention,
-        rngs=rngs,
+        **kwargs, settings=settings, embed_dim=embed_dim, dtype=dtype, remat=remat, rngs=rngs
     )

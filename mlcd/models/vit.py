@@ -135,7 +135,8 @@ class ConvStem(nnx.Module):
 
 class MapHead(nnx.Module):
     """Multihead attention pooling (big_vision's MAP head): a learned probe attends over the
-    tokens, then a residual pre-LN MLP; returns the probe's output [B, W]."""
+    tokens, then a residual pre-LN MLP; returns the probe's output [B, W]. Computed as
+    `settings` (the tower's layers.BlockSettings) says."""
 
     def __init__(
         self,
@@ -145,16 +146,14 @@ class MapHead(nnx.Module):
         *,
         dtype: Any,
         rngs: nnx.Rngs,
-        act: str = "gelu_tanh",
-        ln_eps: float = 1e-6,
-        attention: str = "xla",
+        settings: layers.BlockSettings,
     ):
         self.probe = nnx.Param(nnx.initializers.xavier_uniform()(rngs.params(), (1, 1, width)))
         self.attn = layers.CrossAttention(
-            width, num_heads, dtype=dtype, rngs=rngs, attention=attention
+            width, num_heads, dtype=dtype, rngs=rngs, settings=settings
         )
-        self.norm = layers.LayerNorm(width, dtype=dtype, eps=ln_eps)
-        self.mlp = layers.Mlp(width, mlp_ratio * width, dtype=dtype, rngs=rngs, act=act)
+        self.norm = layers.LayerNorm(width, dtype=dtype, eps=settings.ln_eps)
+        self.mlp = layers.Mlp(width, mlp_ratio * width, dtype=dtype, rngs=rngs, settings=settings)
 
     def __call__(self, x: Array) -> Array:
         """x: [B, N, W] -> [B, W]."""
@@ -172,8 +171,9 @@ class ViT(nnx.Module):
     ``map_head/...`` (map pooling only), ``proj/kernel`` [W, E] (no bias),
     ``patch_proj/kernel`` [W, E] (no bias; patch_proj="separate" only).
 
-    ``remat`` (layers.REMATS) and ``attention`` (layers.ATTENTIONS, also the MAP head's) change
-    memory and speed, not the parameters."""
+    ``settings`` (layers.BlockSettings: act, ln_eps, attention) holds for every block, the MAP
+    head and every LayerNorm, the conv stem's too; ``remat`` (layers.REMATS) and
+    ``settings.attention`` change memory and speed, not the parameters."""
 
     def __init__(
         self,
@@ -188,13 +188,11 @@ class ViT(nnx.Module):
         embed_dim: int,
         stem: str = "patch",
         patch_proj: str = "shared",
-        act: str = "gelu_tanh",
-        ln_eps: float = 1e-6,
         ln_pre: bool = False,
         patch_bias: bool = True,
+        settings: layers.BlockSettings,
         dtype: Any = jnp.float32,
         remat: str = "none",
-        attention: str = "xla",
         rngs: nnx.Rngs,
     ):
         if pool not in POOLS:
@@ -211,13 +209,15 @@ class ViT(nnx.Module):
             )
         self.image_size, self.patch_size = image_size, patch_size
         self.pool, self.dtype = pool, dtype
-        self.remat = layers.check_choice("remat", remat, layers.REMATS)
+        self.remat = layers.check_choice("config.model.remat", remat, layers.REMATS)
         if stem == "patch":
             self.patch_embed = PatchEmbed(
                 patch_size, width, dtype=dtype, rngs=rngs, use_bias=patch_bias
             )
         else:
-            self.patch_embed = ConvStem(patch_size, width, dtype=dtype, rngs=rngs, ln_eps=ln_eps)
+            self.patch_embed = ConvStem(
+                patch_size, width, dtype=dtype, rngs=rngs, ln_eps=settings.ln_eps
+            )
         num_tokens = (image_size // patch_size) ** 2 + (pool == "cls")
         if pool == "cls":
             self.cls = nnx.Param(jnp.zeros((1, 1, width), jnp.float32))
@@ -225,29 +225,14 @@ class ViT(nnx.Module):
             nnx.initializers.normal(0.02)(rngs.params(), (1, num_tokens, width))
         )
         # CLIP normalises the embedded tokens once more before the first block (ln_pre).
-        self.ln_pre = layers.LayerNorm(width, dtype=dtype, eps=ln_eps) if ln_pre else None
+        self.ln_pre = layers.LayerNorm(width, dtype=dtype, eps=settings.ln_eps) if ln_pre else None
         self.blocks = layers.encoder_blocks(
-            width,
-            depth,
-            num_heads,
-            mlp_ratio,
-            dtype=dtype,
-            rngs=rngs,
-            act=act,
-            ln_eps=ln_eps,
-            attention=attention,
+            width, depth, num_heads, mlp_ratio, dtype=dtype, rngs=rngs, settings=settings
         )
-        self.norm = layers.LayerNorm(width, dtype=dtype, eps=ln_eps)
+        self.norm = layers.LayerNorm(width, dtype=dtype, eps=settings.ln_eps)
         if pool == "map":
             self.map_head = MapHead(
-                width,
-                num_heads,
-                mlp_ratio,
-                dtype=dtype,
-                rngs=rngs,
-                act=act,
-                ln_eps=ln_eps,
-                attention=attention,
+                width, num_heads, mlp_ratio, dtype=dtype, rngs=rngs, settings=settings
             )
         self.proj = layers.Dense(width, embed_dim, use_bias=False, dtype=dtype, rngs=rngs)
         if patch_proj == "separate":
@@ -306,12 +291,9 @@ def build_vit(
 ) -> ViT:
     """ViT from a config dict: 'variant' plus optional overrides of ``VARIANTS[variant]``'s keys
     (image_size, patch_size, width, depth, num_heads, mlp_ratio, pool, stem, patch_proj, act,
-    ln_eps, ln_pre, patch_bias); remat and attention are model-level (ViT)."""
+    ln_eps, ln_pre, patch_bias); remat and attention are model-level (config.model). act,
+    ln_eps and attention make the tower's layers.BlockSettings."""
+    kwargs, settings = layers.resolve_tower("image", VARIANTS, cfg, attention=attention)
     return ViT(
-        **layers.resolve_variant("image", VARIANTS, cfg),
-        embed_dim=embed_dim,
-        dtype=dtype,
-        remat=remat,
-        attention=attention,
-        rngs=rngs,
+        **kwargs, settings=settings, embed_dim=embed_dim, dtype=dtype, remat=remat, rngs=rngs
     )
