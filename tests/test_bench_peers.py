@@ -97,3 +97,51 @@ def test_matmul_paths_names_the_library_of_every_dot():
         "Eigen (XLA DotThunk)": 2,
         "oneDNN": 1,
     }
+
+
+_spec = importlib.util.spec_from_file_location(
+    "bench_step_profile", os.path.join(BENCH, "step_profile.py")
+)
+step_profile = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(step_profile)
+
+# Two fusions calling computations with a plain and a batched dot, a bare dot, a copy.
+HLO = """
+%fused_a (p0: f32[8,4], p1: f32[4,2]) -> f32[8,2] {
+  ROOT %dot.1 = f32[8,2]{1,0} dot(f32[8,4]{1,0} %p0, f32[4,2]{1,0} %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+%fused_b (p0: f32[2,3,4], p1: f32[2,4,5]) -> f32[2,3,5] {
+  ROOT %dot.2 = f32[2,3,5]{2,1,0} dot(%p0, %p1), lhs_batch_dims={0}, lhs_contracting_dims={2}, rhs_batch_dims={0}, rhs_contracting_dims={1}
+}
+ENTRY %main (a: f32[8,4], b: f32[4,2]) -> f32[8,2] {
+  %ynn_fusion.3 = f32[8,2]{1,0} fusion(%a, %b), kind=kCustom, calls=%fused_a
+  %ynn_fusion.4 = f32[2,3,5]{2,1,0} fusion(%x, %y), kind=kCustom, calls=%fused_b
+  %dot.5 = f32[4,2]{1,0} dot(%a, %c), lhs_contracting_dims={0}, rhs_contracting_dims={0}
+  ROOT %transpose_copy_fusion.6 = f32[2,8]{1,0} fusion(%ynn_fusion.3), kind=kLoop, calls=%t
+}
+"""
+
+
+def test_step_profile_sorts_xla_events_by_what_they_compute():
+    kinds = step_profile.hlo_dot_kinds(HLO)
+    projections, attention, copies, other = step_profile.CATEGORIES
+    assert kinds["ynn_fusion.3"] == projections and kinds["dot.5"] == projections
+    assert kinds["ynn_fusion.4"] == attention
+    category = lambda name: step_profile.xla_category(name, kinds)
+    assert category("transpose_copy_fusion.6") == copies and category("copy.7") == copies
+    assert category("add_multiply_fusion.8") == other and category("ynn_fusion.9") == other
+
+
+def test_step_profile_accounts_both_steps(peer_modules):
+    torch, open_clip = peer_modules
+    cfg = tiny_config()
+    ours = train_step.MlcdTrainer(cfg, batch=4)
+    peer = train_step.OpenClipTrainer(
+        torch, open_clip, cfg, ours.images, ours.tokens, ours.state_dict(cfg)
+    )
+    ours.step(), peer.step()  # compile, warm up
+    for ms in step_profile.profile_ours(ours, steps=1), step_profile.profile_peer(peer, steps=1):
+        # Both towers' projections and attention products show up, and the events fit in
+        # the step's wall time (one thread runs them, plus the profiler's own overhead).
+        assert ms[step_profile.CATEGORIES[0]] > 0 and ms[step_profile.CATEGORIES[1]] > 0
+        assert 0 < sum(ms[c] for c in step_profile.CATEGORIES) <= 1.5 * ms["wall"]
