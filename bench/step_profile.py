@@ -66,13 +66,9 @@ def hlo_dot_kinds(hlo: str) -> dict[str, str]:
     """{top-level instruction name: CATEGORIES[0] or [1]} for every instruction of the compiled
     step that is, or calls a computation holding, a dot: [1] when the dot has batch dimensions
     (attention's [B, H] batched products), else [0]."""
-    computation, batched_in = None, {}
+    batched_in = {}  # computation or dot instruction -> whether a dot of it has batch dims
     calls = {}  # instruction name -> called computation
-    for line in hlo.splitlines():
-        if line and not line.startswith(" ") and line.rstrip().endswith("{"):
-            computation = line.split()[1] if line.startswith("ENTRY") else line.split()[0]
-            computation = computation.lstrip("%")
-            continue
+    for computation, line in ts.hlo_instructions(hlo):
         m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = \S+ (\w[\w\-]*)\(", line)
         if not m:
             continue

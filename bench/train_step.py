@@ -263,6 +263,18 @@ def page_faults(step: Callable[[], Any], steps: int = 2) -> tuple[float, float]:
     return (after.ru_minflt - before.ru_minflt) / steps, (after.ru_stime - before.ru_stime) / steps
 
 
+def hlo_instructions(hlo: str):
+    """(computation name without '%', line) for every line inside a computation of an HLO
+    module's text (instructions, and the closing brace)."""
+    computation = None
+    for line in hlo.splitlines():
+        if line and not line.startswith(" ") and line.rstrip().endswith("{"):
+            header = line.split()
+            computation = (header[1] if line.startswith("ENTRY") else header[0]).lstrip("%")
+        elif computation is not None:
+            yield computation, line
+
+
 def matmul_paths(hlo: str) -> dict[str, int]:
     """Counts the compiled program's dot ops by the library that runs them: a dot inside a
     fusion of kind __ynn_fusion / __xnn_fusion / __onednn_fusion runs in YNNPACK / XNNPACK /
@@ -271,15 +283,12 @@ def matmul_paths(hlo: str) -> dict[str, int]:
     library_of = {}  # called computation -> library, from the fusions that call it
     dots = collections.Counter()  # computation -> number of dots in it
     out = collections.Counter()
-    computation = None
-    for line in hlo.splitlines():
-        if line and not line.startswith(" ") and line.rstrip().endswith("{"):
-            computation = line.split()[1] if line.startswith("ENTRY") else line.split()[0]
-        elif " dot(" in line:
+    for computation, line in hlo_instructions(hlo):
+        if " dot(" in line:
             dots[computation] += 1
         elif 'custom_call_target="__onednn$matmul"' in line:
             out["oneDNN"] += 1
-        called = re.search(r"calls=(%[\w.\-]+).*\"kind\":\"__(ynn|xnn|onednn)_fusion\"", line)
+        called = re.search(r"calls=%?([\w.\-]+).*\"kind\":\"__(ynn|xnn|onednn)_fusion\"", line)
         if called:
             library_of[called.group(1)] = {"ynn": "YNNPACK", "xnn": "XNNPACK"}.get(
                 called.group(2), "oneDNN"

@@ -39,13 +39,19 @@ def peer_modules():
     return peer
 
 
-def test_peer_is_the_same_network_and_trains_like_ours(peer_modules):
+def tiny_trainers(peer_modules):
+    """(ours, open_clip's) trainers of tiny_config() on one batch of 4, from the same weights."""
     torch, open_clip = peer_modules
     cfg = tiny_config()
     ours = train_step.MlcdTrainer(cfg, batch=4)
     peer = train_step.OpenClipTrainer(
         torch, open_clip, cfg, ours.images, ours.tokens, ours.state_dict(cfg)
     )
+    return ours, peer
+
+
+def test_peer_is_the_same_network_and_trains_like_ours(peer_modules):
+    ours, peer = tiny_trainers(peer_modules)
     # The same parameters but our patch-embedding bias (open_clip's conv1 has none).
     assert ours.num_params - peer.num_params == WIDTH
     # Same weights, same batch: the same loss, which only the same network and loss can give.
@@ -133,12 +139,7 @@ def test_step_profile_sorts_xla_events_by_what_they_compute():
 
 
 def test_step_profile_accounts_both_steps(peer_modules):
-    torch, open_clip = peer_modules
-    cfg = tiny_config()
-    ours = train_step.MlcdTrainer(cfg, batch=4)
-    peer = train_step.OpenClipTrainer(
-        torch, open_clip, cfg, ours.images, ours.tokens, ours.state_dict(cfg)
-    )
+    ours, peer = tiny_trainers(peer_modules)
     ours.step(), peer.step()  # compile, warm up
     for ms in step_profile.profile_ours(ours, steps=1), step_profile.profile_peer(peer, steps=1):
         # Both towers' projections and attention products show up, and the events fit in
