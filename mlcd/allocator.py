@@ -60,13 +60,14 @@ def find_allocator() -> str | None:
     return None
 
 
-def mapped(fragment: str, maps: str = "/proc/self/maps") -> str | None:
-    """The first file mapped into this process (per `maps`) whose path contains `fragment`."""
+def mapped(*fragments: str, maps: str = "/proc/self/maps") -> str | None:
+    """The first file mapped into this process (per `maps`) whose path contains one of
+    `fragments`."""
     try:
         with open(maps) as f:
             for line in f:
                 path = line.split()[-1]
-                if fragment in path:
+                if any(fragment in path for fragment in fragments):
                     return path
     except OSError:  # no /proc (not Linux): nothing we can tell or do
         return None
@@ -75,7 +76,7 @@ def mapped(fragment: str, maps: str = "/proc/self/maps") -> str | None:
 
 def loaded_allocator() -> str | None:
     """The TCMalloc / jemalloc library this process runs on, or None."""
-    return mapped("/libtcmalloc") or mapped("/libjemalloc")
+    return mapped("/libtcmalloc", "/libjemalloc")
 
 
 def describe() -> str:
