@@ -28,17 +28,26 @@ from mlcd.clustering import _data
 from mlcd.sharding import batch_spec
 
 
-def first_argmax(s: jax.Array, axis: int = -1) -> tuple[jax.Array, jax.Array]:
+def first_argmax(
+    s: jax.Array, axis: int = -1, ids: jax.Array | None = None, num_ids: int | None = None
+) -> tuple[jax.Array, jax.Array]:
     """(index int32, value) of the maximum along `axis`; ties go to the lowest index.
 
     Same result as jnp.argmax, computed as a max followed by a min over the matching indices:
     two plain reductions that XLA's CPU backend vectorises, where argmax's variadic
     (value, index) reduction is not. On a score tile still in cache this made the whole k-means
     assignment ~20% faster (bench/kmeans.py, case 1).
+
+    ids: int32 shaped like s, each entry's id (e.g. center ids of a shortlist), returned instead
+    of the position and deciding ties (the lowest id wins); num_ids: an id above all of them
+    (returned where no entry equals the maximum, e.g. NaN rows). Default: the positions along
+    `axis` and their count.
     """
     m = jnp.max(s, axis=axis, keepdims=True)
-    iota = jax.lax.broadcasted_iota(jnp.int32, s.shape, axis % s.ndim)
-    idx = jnp.min(jnp.where(s == m, iota, s.shape[axis]), axis=axis)
+    if ids is None:
+        ids = jax.lax.broadcasted_iota(jnp.int32, s.shape, axis % s.ndim)
+        num_ids = s.shape[axis]
+    idx = jnp.min(jnp.where(s == m, ids, num_ids), axis=axis)
     return idx, jnp.squeeze(m, axis)
 
 
@@ -177,13 +186,6 @@ def _order_keys(s: jax.Array) -> jax.Array:
     return jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
 
 
-def _lowest_best(s: jax.Array, ids: jax.Array, num_ids: int) -> tuple[jax.Array, jax.Array]:
-    """(id, value) of each row's best score in s [R, k] among ids int32 [R, k]; ties: the
-    lowest id (not the first position), as in an exact pass over all centers."""
-    m = jnp.max(s, axis=1)
-    return jnp.min(jnp.where(s == m[:, None], ids, num_ids), axis=1), m
-
-
 def block_shortlist(
     x: jax.Array,
     centers: jax.Array,
@@ -258,8 +260,7 @@ def block_shortlist(
         """The k best of [M, block] (truncated keys, global ids); ties: the lowest id."""
         out = []
         for _ in range(k):
-            m = jnp.max(keys, axis=0)
-            i = jnp.min(jnp.where(keys == m, ids, num_centers), axis=0)
+            i, _ = first_argmax(keys, axis=0, ids=ids, num_ids=num_centers)
             out.append(i)
             keys = jnp.where(ids == i, taken, keys)
         return jnp.stack(out)
@@ -282,7 +283,7 @@ def block_shortlist(
         if sort:
             neg, ids = jax.lax.sort((-s, ids), dimension=1, num_keys=2)
             s = -neg
-        idx, best = _lowest_best(s, ids, num_centers)
+        idx, best = first_argmax(s, axis=1, ids=ids, num_ids=num_centers)
         return best, idx, s, ids
 
     best, idx, vals, ids = jax.lax.map(one_block, _blocks(x, plan))
