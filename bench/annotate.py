@@ -26,7 +26,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from bench.machine import cpu_model
 from mlcd.annotation.matcher import PhraseMatcher, normalize
 from mlcd.entities import load_table
 
@@ -185,11 +185,7 @@ def main() -> None:
     except ImportError:
         print("pyahocorasick is not installed: only PhraseMatcher is measured")
         kinds = ["PhraseMatcher", "load_table"]
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line),
-        platform.processor(),
-    )
-    print(f"CPU: {cpu}, {os.cpu_count()} cores; load average {os.getloadavg()[0]:.2f}")
+    print(f"CPU: {cpu_model()}, {os.cpu_count()} cores; load average {os.getloadavg()[0]:.2f}")
     print(f"{args.entities:,} entities, {args.captions:,} captions, best of {args.repeats}")
     results = []
     with tempfile.TemporaryDirectory() as tmp:

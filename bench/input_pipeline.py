@@ -45,7 +45,6 @@ import dataclasses
 import io
 import math
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -57,6 +56,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from bench.machine import cpu_model
 from input_pipeline import preprocess, transforms
 from input_pipeline.tokenizers import Tokenizer, train_bpe_tokenizer
 
@@ -483,25 +483,6 @@ def clip_b16_flops() -> tuple[float, float]:
     fwd = jax.jit(forward).lower(*args).cost_analysis()["flops"]
     fwd_bwd = jax.jit(jax.grad(forward)).lower(*args).cost_analysis()["flops"]
     return float(fwd), float(fwd_bwd)
-
-
-def _field(text: str, key: str) -> str:
-    """The value of the first 'key: value' line of `text` ('' if none)."""
-    lines = (line.split(":", 1) for line in text.splitlines() if line.startswith(key))
-    return next((value.strip() for _, value in lines), "")
-
-
-def cpu_model() -> str:
-    """lscpu's model name (else /proc/cpuinfo's), with family / model and AVX-512 noted."""
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        lscpu = ""
-    with open("/proc/cpuinfo") as f:
-        info = f.read()
-    name = _field(lscpu, "Model name") or _field(info, "model name") or "unknown CPU"
-    family, model = _field(info, "cpu family"), _field(info, "model\t")
-    return f"{name} (family {family}, model {model}){', AVX-512' if ' avx512f' in info else ''}"
 
 
 def print_table(header: list[str], rows: list[list[str]]) -> None:

@@ -36,7 +36,6 @@ import argparse
 import dataclasses
 import math
 import os
-import platform
 import sys
 import time
 
@@ -46,6 +45,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from bench.machine import cpu_model
 from mlcd import clustering
 from mlcd.clustering import faiss_backend
 
@@ -63,18 +63,6 @@ def matmul_gflops(n: int = 4096, repeats: int = 5) -> float:
         f(a).block_until_ready()
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best / 1e9
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (Linux), else platform.processor()."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def mean_best_cosine(x: np.ndarray, centers: np.ndarray) -> float:
